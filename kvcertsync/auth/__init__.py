@@ -1,0 +1,1 @@
+"""Credentials from the extension's authenticationSettings (managed identity, msiEndpoint)."""

@@ -1,0 +1,563 @@
+"""Certificate material: read a Key Vault secret (PKCS#12 or PEM), order the chain, re-encode it.
+
+Everything here is pure CPU work with no I/O, so callers may run it in a worker thread. No message,
+repr or chained exception produced here carries the secret value or any key bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import re
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Literal, TypeAlias, TypeVar
+
+import attrs
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import NameOID
+
+from kvcertsync.errors import MaterialError
+
+__all__ = [
+    "PEM_CONTENT_TYPE",
+    "PKCS12_CONTENT_TYPE",
+    "CertificateMaterial",
+    "PrivateKey",
+]
+
+logger = logging.getLogger(__name__)
+
+PKCS12_CONTENT_TYPE = "application/x-pkcs12"
+PEM_CONTENT_TYPE = "application/x-pem-file"
+
+PrivateKey: TypeAlias = (
+    rsa.RSAPrivateKey
+    | ec.EllipticCurvePrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
+)
+_SUPPORTED_KEYS = (
+    rsa.RSAPrivateKey,
+    ec.EllipticCurvePrivateKey,
+    ed25519.Ed25519PrivateKey,
+    ed448.Ed448PrivateKey,
+)
+
+# Labels are restricted to the characters RFC 7468 allows, so a stray "-----BEGIN" inside
+# garbage cannot make the pattern swallow unrelated text.
+_PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.DOTALL)
+_PEM_MARKER = "-----BEGIN"
+_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/_=-]*")
+_WHITESPACE = re.compile(r"\s+")
+_ENCRYPTED_PEM_HEADER = re.compile(r"^Proc-Type:\s*4\s*,\s*ENCRYPTED", re.MULTILINE)
+_CERTIFICATE_LABELS = frozenset({"CERTIFICATE", "X509 CERTIFICATE", "TRUSTED CERTIFICATE"})
+
+_PfxFailure = Literal["password", "truncated", "corrupt"]
+_E = TypeVar("_E", bound=x509.ExtensionType)
+
+
+@attrs.frozen(repr=False)
+class CertificateMaterial:
+    """A private key with its leaf certificate and the leaf's issuer chain (leaf excluded)."""
+
+    private_key: PrivateKey = attrs.field(repr=False, eq=False)
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        key: object = self.private_key  # direct construction bypasses the parsers' checks
+        if not isinstance(key, _SUPPORTED_KEYS):
+            raise MaterialError(_unsupported_key_message(key)) from None
+        if _spki(self.certificate) != _key_spki(self.private_key):
+            raise MaterialError("the private key does not belong to the certificate") from None
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_secret(
+        cls, value: str | bytes, content_type: str | None = None
+    ) -> CertificateMaterial:
+        """Read a Key Vault secret value: base64 or DER PKCS#12, or PEM blocks in any order."""
+        declared = _normalise_content_type(content_type)
+        if not value or not value.strip():
+            raise MaterialError("the secret value is empty") from None
+        if _looks_like_pem(value):
+            if declared == PKCS12_CONTENT_TYPE:
+                logger.debug("secret declared %s but holds PEM; reading it as PEM", declared)
+            return cls._from_pem(_to_text(value))
+        if declared == PEM_CONTENT_TYPE:
+            logger.debug("secret declared %s but holds no PEM block; trying PKCS#12", declared)
+        der = _pfx_bytes(value, declared)
+        if der.startswith(_PEM_MARKER.encode("ascii")):
+            # Some tools base64-wrap a whole PEM file; the content, not the wrapping, decides.
+            return cls._from_pem(_to_text(der))
+        return cls._from_pfx(der)
+
+    @classmethod
+    def from_key_and_certificates(
+        cls, private_key: PrivateKeyTypes, certificates: Iterable[x509.Certificate]
+    ) -> CertificateMaterial:
+        """Pick the leaf matching ``private_key`` among ``certificates`` and order the rest."""
+        if not isinstance(private_key, _SUPPORTED_KEYS):
+            raise MaterialError(_unsupported_key_message(private_key)) from None
+        unique = _dedupe(certificates)
+        if not unique:
+            raise MaterialError("the secret holds a private key but no certificate") from None
+        key_spki = _key_spki(private_key)
+        matching = [cert for cert in unique if _spki(cert) == key_spki]
+        if not matching:
+            raise MaterialError(
+                f"the private key matches none of the {len(unique)} certificate(s) in the secret"
+            ) from None
+        # A CA certificate can share the leaf's key (self-issued setups); the end-entity wins.
+        leaf = next((cert for cert in matching if not _is_ca(cert)), matching[0])
+        others = [cert for cert in unique if cert is not leaf]
+        return cls(private_key=private_key, certificate=leaf, chain=_order_chain(leaf, others))
+
+    @classmethod
+    def _from_pfx(cls, der: bytes) -> CertificateMaterial:
+        loaded = _load_pkcs12(der)
+        if isinstance(loaded, str):
+            raise MaterialError(_pfx_failure_message(loaded, der)) from None
+        if loaded.key is None:
+            raise MaterialError("the PKCS#12 (PFX) value holds no private key") from None
+        certificates = [bag.certificate for bag in loaded.additional_certs]
+        if loaded.cert is not None:
+            certificates.insert(0, loaded.cert.certificate)
+        if not certificates:
+            raise MaterialError("the PKCS#12 (PFX) value holds no certificate") from None
+        return cls.from_key_and_certificates(loaded.key, certificates)
+
+    @classmethod
+    def _from_pem(cls, text: str) -> CertificateMaterial:
+        blocks = list(_PEM_BLOCK.finditer(text))
+        if len(blocks) != text.count(_PEM_MARKER):
+            raise MaterialError(
+                "the PEM value has a block without a matching END line (truncated?)"
+            ) from None
+        keys: list[PrivateKey] = []
+        certificates: list[x509.Certificate] = []
+        for index, block in enumerate(blocks, start=1):
+            label = block.group(1)
+            if label in _CERTIFICATE_LABELS:
+                certificates.append(_pem_certificate(label, block.group(2), index))
+            elif label.endswith("PRIVATE KEY"):
+                keys.append(_pem_private_key(label, block.group(0), index))
+            else:
+                logger.debug("ignoring PEM block %d labelled %r", index, label)
+        distinct = {_key_spki(key): key for key in keys}
+        if not distinct:
+            if certificates:
+                raise MaterialError("the PEM value holds certificates but no private key") from None
+            raise MaterialError(
+                "the PEM value holds neither a certificate nor a private key"
+            ) from None
+        if len(distinct) > 1:
+            raise MaterialError(
+                f"the PEM value holds {len(distinct)} different private keys; expected one"
+            ) from None
+        if not certificates:
+            raise MaterialError("the PEM value holds a private key but no certificate") from None
+        return cls.from_key_and_certificates(next(iter(distinct.values())), certificates)
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def thumbprint(self) -> str:
+        """SHA-1 of the leaf's DER, upper-case hex without separators, as Windows shows it."""
+        # SHA-1 here is an identifier that crypt32 and the Windows UI use, not a security check.
+        return hashlib.sha1(self._leaf_der(), usedforsecurity=False).hexdigest().upper()
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the leaf's DER, upper-case hex without separators."""
+        return hashlib.sha256(self._leaf_der()).hexdigest().upper()
+
+    @property
+    def not_before(self) -> datetime:
+        """Start of the leaf's validity (timezone-aware UTC)."""
+        return self.certificate.not_valid_before_utc
+
+    @property
+    def not_after(self) -> datetime:
+        """End of the leaf's validity (timezone-aware UTC)."""
+        return self.certificate.not_valid_after_utc
+
+    @property
+    def subject(self) -> str:
+        """The leaf's subject as an RFC 4514 string."""
+        return self.certificate.subject.rfc4514_string()
+
+    @property
+    def issuer(self) -> str:
+        """The leaf's issuer as an RFC 4514 string."""
+        return self.certificate.issuer.rfc4514_string()
+
+    @property
+    def serial_number(self) -> int:
+        """The leaf's serial number."""
+        return self.certificate.serial_number
+
+    @property
+    def common_name(self) -> str | None:
+        """The leaf's first subject common name, if any."""
+        attributes = self.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if not attributes:
+            return None
+        value = attributes[0].value
+        return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+    @property
+    def dns_names(self) -> tuple[str, ...]:
+        """DNS names from the leaf's subjectAltName extension (empty if it has none)."""
+        san = _extension(self.certificate, x509.SubjectAlternativeName)
+        if san is None:
+            return ()
+        return tuple(san.get_values_for_type(x509.DNSName))
+
+    @property
+    def is_self_signed(self) -> bool:
+        """Whether the leaf is its own issuer."""
+        return _is_self_issued(self.certificate)
+
+    # ------------------------------------------------------------------ encodings
+
+    def key_pem(self) -> bytes:
+        """The private key as unencrypted PKCS#8 PEM."""
+        return self.private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def cert_pem(self) -> bytes:
+        """The leaf certificate as PEM."""
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    def chain_pem(self) -> bytes:
+        """The chain (issuer of the leaf first) as concatenated PEM; b"" when there is none."""
+        return b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in self.chain)
+
+    def fullchain_pem(self) -> bytes:
+        """The leaf followed by its chain, as concatenated PEM."""
+        return self.cert_pem() + self.chain_pem()
+
+    def to_pem_bundle(self) -> bytes:
+        """Leaf, chain, then the key: the single-file layout KeyVaultForLinux writes."""
+        return self.fullchain_pem() + self.key_pem()
+
+    def to_pkcs12(self, password: bytes | None = None, friendly_name: bytes | None = None) -> bytes:
+        """A DER PFX with key, leaf and chain; unencrypted unless a non-empty password is given."""
+        encryption: serialization.KeySerializationEncryption
+        if password:
+            encryption = (
+                serialization.PrivateFormat.PKCS12.encryption_builder()
+                .kdf_rounds(2048)
+                .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
+                .hmac_hash(hashes.SHA256())
+                .build(password)
+            )
+        else:
+            # cryptography cannot encrypt under an empty password; its unencrypted PFX still
+            # carries a MAC keyed by the empty password, which every reader accepts for "".
+            encryption = serialization.NoEncryption()
+        return pkcs12.serialize_key_and_certificates(
+            friendly_name, self.private_key, self.certificate, list(self.chain) or None, encryption
+        )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _leaf_der(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.DER)
+
+    def __repr__(self) -> str:
+        name = self.common_name
+        who = f"CN={name}" if name is not None else (self.subject or "<empty subject>")
+        expires = self.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return f"<CertificateMaterial {who} thumbprint={self.thumbprint} not_after={expires}>"
+
+
+# ---------------------------------------------------------------------- input decoding
+
+
+def _normalise_content_type(content_type: str | None) -> str | None:
+    if content_type is None:
+        return None
+    return content_type.split(";", 1)[0].strip().lower() or None
+
+
+def _looks_like_pem(value: str | bytes) -> bool:
+    if isinstance(value, bytes):
+        return _PEM_MARKER.encode("ascii") in value
+    return _PEM_MARKER in value
+
+
+def _to_text(value: str | bytes) -> str:
+    # latin-1 maps every byte, so decoding never fails and PEM's ASCII survives unchanged.
+    return value if isinstance(value, str) else value.decode("latin-1")
+
+
+def _pfx_bytes(value: str | bytes, declared: str | None) -> bytes:
+    """DER PFX bytes from base64 text, or from raw DER when given bytes that are not base64."""
+    if isinstance(value, bytes):
+        text = value.decode("latin-1")
+        if _BASE64_TEXT.fullmatch(_WHITESPACE.sub("", text)) is None:
+            return value
+    else:
+        text = value
+    compact = _WHITESPACE.sub("", text)
+    if _BASE64_TEXT.fullmatch(compact) is None:
+        what = f" (declared {declared})" if declared else ""
+        raise MaterialError(
+            f"the secret value{what} is neither PEM nor base64-encoded PKCS#12 (PFX)"
+        ) from None
+    decoded = _b64decode(compact)
+    if decoded is None:
+        raise MaterialError("the secret value is not valid base64") from None
+    return decoded
+
+
+def _b64decode(compact: str) -> bytes | None:
+    text = compact.replace("-", "+").replace("_", "/")
+    stripped = text.rstrip("=")
+    if "=" in stripped:
+        return None
+    # A cut-off value loses its padding; decoding the whole quanta lets the DER check below
+    # report "truncated" instead of a confusing base64 complaint.
+    usable = stripped[: len(stripped) - len(stripped) % 4]
+    remainder = stripped[len(usable) :]
+    if len(remainder) >= 2:
+        usable += remainder + "=" * (4 - len(remainder))
+    try:
+        return base64.b64decode(usable, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _load_pkcs12(der: bytes) -> pkcs12.PKCS12KeyAndCertificates | _PfxFailure:
+    # Key Vault writes PFX with an empty password; other tools mean "no password" as NULL,
+    # and the two give different MACs, so both are tried.
+    for password in (None, b""):
+        try:
+            return pkcs12.load_pkcs12(der, password)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            continue
+    return _classify_pfx_failure(der)
+
+
+def _pfx_failure_message(failure: _PfxFailure, der: bytes) -> str:
+    if failure == "password":
+        return (
+            "the PKCS#12 (PFX) value is protected by a password (or its integrity check "
+            "failed); only PFX with an empty or no password is supported"
+        )
+    if failure == "truncated":
+        declared = _der_header(der, 0)
+        total = declared[1] + declared[2] if declared is not None else 0
+        return (
+            f"the PKCS#12 (PFX) value is truncated: its header declares {total} bytes "
+            f"but only {len(der)} are present"
+        )
+    return "the value is not a valid PKCS#12 (PFX) structure (corrupt data)"
+
+
+def _der_header(data: bytes, offset: int) -> tuple[int, int, int] | None:
+    """(tag, header length, content length) of the DER element at ``offset``, or None."""
+    if offset + 2 > len(data):
+        return None
+    tag, first = data[offset], data[offset + 1]
+    if tag & 0x1F == 0x1F:
+        return None
+    if first < 0x80:
+        return tag, 2, first
+    count = first & 0x7F
+    # Zero means BER indefinite length, never valid DER; more than 4 bytes is absurd here.
+    if count == 0 or count > 4 or offset + 2 + count > len(data):
+        return None
+    return tag, 2 + count, int.from_bytes(data[offset + 2 : offset + 2 + count], "big")
+
+
+def _classify_pfx_failure(der: bytes) -> _PfxFailure:
+    """Tell a password-protected PFX from a cut-off or damaged one by its outer DER shape."""
+    if der[:2] == b"\x30\x80":
+        # BER indefinite length (cryptography accepts it): only its end-of-contents can be checked.
+        well_formed = der.endswith(b"\x00\x00") and der[2:5] == b"\x02\x01\x03"
+        return "password" if well_formed else "corrupt"
+    outer = _der_header(der, 0)
+    if outer is None or outer[0] != 0x30:
+        return "corrupt"
+    end = outer[1] + outer[2]
+    if end > len(der):
+        return "truncated"
+    # Trailing bytes after the PFX are tolerated by cryptography, so they decide nothing here.
+    offset = outer[1]
+    version = _der_header(der, offset)
+    if version is None or version[0] != 0x02:
+        return "corrupt"
+    if der[offset + version[1] : offset + version[1] + version[2]] != b"\x03":
+        return "corrupt"
+    offset += version[1] + version[2]
+    # authSafe, then the optional macData: both SEQUENCEs that must tile the rest exactly.
+    for required in (True, False):
+        if offset == end and not required:
+            break
+        element = _der_header(der, offset)
+        if element is None or element[0] != 0x30 or offset + element[1] + element[2] > end:
+            return "corrupt"
+        offset += element[1] + element[2]
+    return "password" if offset == end else "corrupt"
+
+
+def _pem_certificate(label: str, body: str, index: int) -> x509.Certificate:
+    der = _pem_body(body)
+    if der is not None and label == "TRUSTED CERTIFICATE":
+        # OpenSSL appends its trust settings after the certificate: keep the first element.
+        header = _der_header(der, 0)
+        der = der[: header[1] + header[2]] if header is not None else None
+    certificate = None
+    if der is not None:
+        try:
+            certificate = x509.load_der_x509_certificate(der)
+        except ValueError:
+            certificate = None
+    if certificate is None:
+        raise MaterialError(f"PEM block {index} ({label}) is not a valid certificate") from None
+    return certificate
+
+
+def _pem_body(body: str) -> bytes | None:
+    try:
+        return base64.b64decode(_WHITESPACE.sub("", body), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _pem_private_key(label: str, block: str, index: int) -> PrivateKey:
+    if label == "ENCRYPTED PRIVATE KEY" or _ENCRYPTED_PEM_HEADER.search(block):
+        raise MaterialError(_encrypted_key_message(index)) from None
+    outcome: PrivateKey | str
+    try:
+        loaded = serialization.load_pem_private_key(block.encode("latin-1"), password=None)
+    except TypeError:
+        outcome = _encrypted_key_message(index)
+    except UnsupportedAlgorithm:
+        outcome = f"PEM block {index} ({label}) holds a key of an unsupported type"
+    except ValueError:
+        outcome = f"PEM block {index} ({label}) is not a valid private key"
+    else:
+        if isinstance(loaded, _SUPPORTED_KEYS):
+            outcome = loaded
+        else:
+            outcome = _unsupported_key_message(loaded)
+    if isinstance(outcome, str):
+        raise MaterialError(outcome) from None
+    return outcome
+
+
+def _encrypted_key_message(index: int) -> str:
+    return (
+        f"PEM block {index} holds an encrypted private key, which needs a password; "
+        "encrypted keys are not supported"
+    )
+
+
+def _unsupported_key_message(key: object) -> str:
+    kind = type(key).__name__.removeprefix("_")
+    return f"unsupported private key type {kind}: RSA, EC, Ed25519 and Ed448 are supported"
+
+
+# ---------------------------------------------------------------------- certificate logic
+
+
+def _key_spki(key: PrivateKey) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _spki(certificate: x509.Certificate) -> bytes | None:
+    try:
+        public_key = certificate.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        # A certificate with a key cryptography cannot load can never be our leaf.
+        return None
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _dedupe(certificates: Iterable[x509.Certificate]) -> list[x509.Certificate]:
+    seen: set[bytes] = set()
+    unique: list[x509.Certificate] = []
+    for certificate in certificates:
+        der = certificate.public_bytes(serialization.Encoding.DER)
+        if der not in seen:
+            seen.add(der)
+            unique.append(certificate)
+    return unique
+
+
+def _extension(certificate: x509.Certificate, kind: type[_E]) -> _E | None:
+    try:
+        return certificate.extensions.get_extension_for_class(kind).value
+    except (x509.ExtensionNotFound, ValueError):
+        # ValueError: cryptography refuses malformed or duplicate extensions; treat as absent.
+        return None
+
+
+def _is_ca(certificate: x509.Certificate) -> bool:
+    constraints = _extension(certificate, x509.BasicConstraints)
+    return constraints is not None and constraints.ca
+
+
+def _subject_key_id(certificate: x509.Certificate) -> bytes | None:
+    ski = _extension(certificate, x509.SubjectKeyIdentifier)
+    return ski.digest if ski is not None else None
+
+
+def _authority_key_id(certificate: x509.Certificate) -> bytes | None:
+    aki = _extension(certificate, x509.AuthorityKeyIdentifier)
+    return aki.key_identifier if aki is not None else None
+
+
+def _is_self_issued(certificate: x509.Certificate) -> bool:
+    if certificate.subject != certificate.issuer:
+        return False
+    aki, ski = _authority_key_id(certificate), _subject_key_id(certificate)
+    # Same name but a different key identifier is a CA key-rollover link, not a root.
+    return aki is None or ski is None or aki == ski
+
+
+def _order_chain(
+    leaf: x509.Certificate, others: list[x509.Certificate]
+) -> tuple[x509.Certificate, ...]:
+    """Walk issuer links up from the leaf; certificates that do not link follow in given order."""
+    remaining = list(others)
+    chain: list[x509.Certificate] = []
+    current = leaf
+    while remaining and not _is_self_issued(current):
+        candidates = [cert for cert in remaining if cert.subject == current.issuer]
+        if not candidates:
+            break
+        wanted = _authority_key_id(current)
+
+        def rank(cert: x509.Certificate, wanted: bytes | None = wanted) -> int:
+            have = _subject_key_id(cert)
+            if wanted is None or have is None:
+                return 1
+            return 0 if have == wanted else 2
+
+        # min() is stable, so equal ranks keep the order the secret gave them.
+        issuer = min(candidates, key=rank)
+        chain.append(issuer)
+        remaining = [cert for cert in remaining if cert is not issuer]
+        current = issuer
+    return (*chain, *remaining)
