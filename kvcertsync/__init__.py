@@ -1,6 +1,7 @@
 """kvcertsync: keep Azure Key Vault certificates installed and current, anywhere Python runs."""
 
 from kvcertsync._version import __version__
+from kvcertsync.engine import CertSync, InitialSyncError, SyncReport
 from kvcertsync.errors import (
     KvCertSyncError,
     MaterialError,
@@ -15,7 +16,9 @@ from kvcertsync.uri import SecretUri
 
 __all__ = [
     "AgentSettings",
+    "CertSync",
     "CertificateMaterial",
+    "InitialSyncError",
     "KvCertSyncError",
     "MaterialError",
     "ObservedCertificate",
@@ -24,6 +27,7 @@ __all__ = [
     "SettingsError",
     "SourceError",
     "StoreError",
+    "SyncReport",
     "__version__",
     "load_settings",
     "parse_settings",

@@ -1,0 +1,126 @@
+"""Pacing: the per-vault adaptive token bucket and the one retry policy."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import attrs
+
+from kvcertsync.clock import Clock
+
+__all__ = ["THROTTLE_LADDER", "RetryPolicy", "VaultLimiter"]
+
+#: Key Vault's recommended waits after a 429 without Retry-After, in seconds.
+THROTTLE_LADDER = (1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+@attrs.frozen
+class RetryPolicy:
+    """Exponential backoff with full jitter, capped; a server's retry-after always wins."""
+
+    initial: float = attrs.field(default=1.0, validator=attrs.validators.gt(0))
+    maximum: float = attrs.field(default=300.0, validator=attrs.validators.gt(0))
+    multiplier: float = attrs.field(default=2.0, validator=attrs.validators.ge(1))
+
+    def ceiling(self, attempt: int) -> float:
+        """The largest delay before retry number ``attempt`` (1-based)."""
+        exponent = min(max(attempt - 1, 0), 64)
+        return min(self.maximum, self.initial * self.multiplier**exponent)
+
+    def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
+        """Seconds to wait before retry number ``attempt``."""
+        if retry_after is not None and math.isfinite(retry_after):
+            return max(retry_after, 0.0)
+        return rng.uniform(0.0, self.ceiling(attempt))
+
+
+class VaultLimiter:
+    """A token bucket per vault that pauses on throttling, halves its rate, then recovers."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        rate: float,
+        burst: float,
+        *,
+        min_rate: float = 0.5,
+        recovery: float = 60.0,
+    ) -> None:
+        self._clock = clock
+        self.configured_rate = rate
+        self.burst = burst
+        self.min_rate = min(min_rate, rate)
+        self.recovery = recovery
+        self._tokens = burst
+        self._updated = clock.now()
+        self._paused_until = -math.inf
+        self._throttled_at = -math.inf
+        self._throttled_rate = rate
+        self._streak = 0
+        self.throttles = 0
+
+    @property
+    def rate(self) -> float:
+        """The current rate: reduced after throttling, climbing back linearly over ``recovery``."""
+        elapsed = self._clock.now() - max(self._throttled_at, self._paused_until)
+        if elapsed <= 0:
+            return self._throttled_rate
+        share = min(1.0, elapsed / self.recovery) if self.recovery > 0 else 1.0
+        return self._throttled_rate + (self.configured_rate - self._throttled_rate) * share
+
+    @property
+    def paused_until(self) -> float:
+        """Monotonic time until which no request may go to this vault."""
+        return self._paused_until
+
+    def _refill(self) -> None:
+        now = self._clock.now()
+        start = max(self._updated, self._paused_until)
+        if now > start:
+            self._tokens = min(self.burst, self._tokens + (now - start) * self.rate)
+        self._updated = max(now, self._updated)
+
+    def delay(self) -> float:
+        """Seconds until a token is available (0 when one is)."""
+        self._refill()
+        now = self._clock.now()
+        wait = max(0.0, self._paused_until - now)
+        if self._tokens >= 1.0:
+            return wait
+        return wait + (1.0 - self._tokens) / self.rate
+
+    def try_take(self) -> bool:
+        """Take a token if one is available now."""
+        self._refill()
+        if self._clock.now() < self._paused_until or self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    def throttled(self, retry_after: float | None) -> float:
+        """Record a 429: pause (retry-after, else the 1-2-4-8-16 s ladder), halve the rate.
+
+        Requests already in flight when the vault starts throttling all come back 429 at once;
+        those answers belong to the same episode and only extend a retry-after pause.
+        """
+        self._refill()
+        now = self._clock.now()
+        if now < self._paused_until:
+            if retry_after is not None and math.isfinite(retry_after):
+                self._paused_until = max(self._paused_until, now + max(retry_after, 0.0))
+            return self._paused_until - now
+        pause = retry_after
+        if pause is None or not math.isfinite(pause):
+            pause = THROTTLE_LADDER[min(self._streak, len(THROTTLE_LADDER) - 1)]
+        self._streak += 1
+        self.throttles += 1
+        self._throttled_rate = max(self.min_rate, self.rate / 2)
+        self._throttled_at = now
+        self._paused_until = now + max(pause, 0.0)
+        self._tokens = 0.0
+        return pause
+
+    def succeeded(self) -> None:
+        """Record a request the vault served: the throttle ladder starts over."""
+        self._streak = 0

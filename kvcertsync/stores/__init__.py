@@ -1,0 +1,6 @@
+"""Where certificates go: the Store protocol and its implementations."""
+
+from kvcertsync.stores.base import InstalledCertificate, Store
+from kvcertsync.stores.memory import MemoryStore
+
+__all__ = ["InstalledCertificate", "MemoryStore", "Store"]

@@ -1,0 +1,593 @@
+"""CertSync against MemorySource and MemoryStore, with a hand-driven clock where time matters."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import anyio
+import pytest
+
+from kvcertsync.clock import FakeClock
+from kvcertsync.emulator import TestAuthority
+from kvcertsync.engine import CertSync, InitialSyncError, Outcome
+from kvcertsync.errors import (
+    AccessDenied,
+    MaterialError,
+    SecretNotFound,
+    Throttled,
+    TransientSourceError,
+)
+from kvcertsync.events import (
+    CertificateExpiring,
+    CertificateUpdated,
+    Event,
+    InitialSyncCompleted,
+    SyncFailed,
+)
+from kvcertsync.limits import RetryPolicy, VaultLimiter
+from kvcertsync.material import CertificateMaterial
+from kvcertsync.settings import ObservedCertificate
+from kvcertsync.sources import MemorySource
+from kvcertsync.stores import InstalledCertificate, MemoryStore
+from kvcertsync.uri import SecretUri
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def ca() -> TestAuthority:
+    return TestAuthority()
+
+
+@pytest.fixture(scope="module")
+def material(ca: TestAuthority) -> CertificateMaterial:
+    return ca.issue(["www.example.com"])
+
+
+def urls(count: int, vaults: int = 1, prefix: str = "cert") -> list[str]:
+    return [f"https://vault{i % vaults}a.vault.azure.net/secrets/{prefix}{i}" for i in range(count)]
+
+
+def collect(sync: CertSync, *types: type[Event]) -> list[Event]:
+    seen: list[Event] = []
+    sync.subscribe(seen.append, *types)
+    return seen
+
+
+async def drive(
+    clock: FakeClock, done: Callable[[], bool], step: float = 0.05, limit: float = 600
+) -> None:
+    """Advance the fake clock in small steps until ``done()``; fail if it never happens."""
+    elapsed = 0.0
+    while not done():
+        if elapsed > limit:
+            raise AssertionError(f"condition not reached after {limit} fake seconds")
+        await clock.advance(step)
+        elapsed += step
+        # Parsing runs in worker threads that the fake clock cannot see: give them real time.
+        await anyio.sleep(0.0001)
+
+
+async def settle(done: Callable[[], bool], seconds: float = 10) -> None:
+    """Wait in real time (bounded) for ``done()``: a safety net, never the assertion."""
+    with anyio.fail_after(seconds):
+        while not done():  # noqa: ASYNC110 - conditions on plain state, nothing to wait on
+            await anyio.sleep(0.005)
+
+
+# ------------------------------------------------------------------------- limits
+
+
+async def test_concurrency_cap_is_never_exceeded(material: CertificateMaterial) -> None:
+    source = MemorySource(latency=0.01)
+    for url in urls(60, vaults=3):
+        source.set(url, material)
+    sync = CertSync(
+        urls(60, vaults=3), store=MemoryStore(), source=source, max_concurrency=4, rate_limit=10_000
+    )
+    report = await sync.sync_once()
+    assert len(report.updated) == 60
+    assert source.max_in_flight == 4
+
+
+async def test_per_vault_rate_is_never_exceeded(material: CertificateMaterial) -> None:
+    clock = FakeClock()
+    source = MemorySource()
+    calls: list[tuple[float, str]] = []
+    source.observe(lambda uri: calls.append((clock.now(), uri.vault_name)))
+    targets = urls(120, vaults=2)
+    for url in targets:
+        source.set(url, material)
+    sync = CertSync(
+        targets, store=MemoryStore(), source=source, rate_limit=10, rate_burst=5, clock=clock
+    )
+    reports = []
+
+    async def run() -> None:
+        reports.append(await sync.sync_once())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await drive(clock, lambda: bool(reports))
+    assert len(reports[0].updated) == 120
+    for vault in ("vault0a", "vault1a"):
+        times = sorted(t for t, v in calls if v == vault)
+        assert len(times) == 60
+        # Token bucket: in any window of w seconds at most burst + rate * w requests.
+        for i, start in enumerate(times):
+            in_window = [t for t in times[i:] if t - start <= 1.0]
+            assert len(in_window) <= 5 + 10 * 1.0
+        # And it does not crawl either: 55 requests after the burst need ~5.5 s.
+        assert times[-1] - times[0] == pytest.approx(5.5, abs=0.2)
+
+
+async def test_throttled_vault_does_not_slow_another(material: CertificateMaterial) -> None:
+    clock = FakeClock()
+    source = MemorySource()
+    slow, fast = urls(10, prefix="slow"), [u.replace("vault0a", "other") for u in urls(10)]
+    for url in slow + fast:
+        source.set(url, material)
+    source.fail(Throttled("429", retry_after=30), vault="vault0a.vault.azure.net", times=3)
+    sync = CertSync(slow + fast, store=MemoryStore(), source=source, clock=clock)
+    updated = collect(sync, CertificateUpdated)
+    async with sync:
+        await drive(clock, lambda: len(updated) >= 10, limit=2)
+        assert {str(e.uri) for e in updated} == {str(SecretUri.parse(u)) for u in fast}
+        assert sync.limiter("vault0a.vault.azure.net").paused_until >= 30
+        assert sync.limiter("other.vault.azure.net").paused_until < 0
+        await drive(clock, lambda: len(updated) == 20, limit=120)
+        assert clock.now() >= 30
+
+
+async def test_backoff_honours_retry_after_then_full_jitter(material: CertificateMaterial) -> None:
+    clock = FakeClock()
+    source = MemorySource()
+    url = urls(1)[0]
+    source.set(url, material)
+    source.fail(Throttled("429", retry_after=7), uri=url)
+    source.fail(TransientSourceError("503"), uri=url, times=3)
+    policy = RetryPolicy(initial=2, maximum=5)
+    sync = CertSync(
+        [url], store=MemoryStore(), source=source, clock=clock, retry=policy, rng=random.Random(1)
+    )
+    failures = collect(sync, SyncFailed)
+    updated = collect(sync, CertificateUpdated)
+    async with sync:
+        await drive(clock, lambda: bool(updated), step=0.25)
+    assert [type(f.error) for f in failures] == [Throttled] + [TransientSourceError] * 3
+    assert [f.attempt for f in failures] == [1, 2, 3, 4]
+    assert failures[0].retry_in == 7
+    for failure in failures[1:]:
+        assert failure.retry_in is not None
+        assert 0 <= failure.retry_in <= policy.ceiling(failure.attempt)
+    assert policy.ceiling(2) == 4 and policy.ceiling(3) == 5
+
+
+async def test_throttle_ladder_pauses_halves_and_recovers() -> None:
+    clock = FakeClock()
+    limiter = VaultLimiter(clock, rate=100, burst=10, recovery=600)
+    pauses = []
+    for _ in range(6):
+        pauses.append(limiter.throttled(None))
+        await clock.advance(pauses[-1])
+    assert pauses == [1, 2, 4, 8, 16, 16]
+    limiter.succeeded()
+    assert limiter.throttled(None) == 1
+    # Answers to requests already in flight are the same episode: no new halving, no new step.
+    assert limiter.throttled(None) == 1
+    assert limiter.throttled(3.5) == 3.5
+    assert limiter.throttles == 7
+    assert limiter.rate < 100 / 2**6
+    assert not limiter.try_take()
+    assert limiter.delay() >= 3.5
+
+
+async def test_rate_recovers_linearly_after_throttling() -> None:
+    clock = FakeClock()
+    limiter = VaultLimiter(clock, rate=100, burst=10, recovery=60)
+    limiter.throttled(2)
+    assert limiter.rate == 50
+    await clock.advance(2 + 30)
+    assert limiter.rate == pytest.approx(75)
+    await clock.advance(30)
+    assert limiter.rate == 100
+
+
+# ------------------------------------------------------------------------- change detection
+
+
+async def test_one_pass_over_a_thousand_urls(ca: TestAuthority) -> None:
+    source = MemorySource()
+    pool = [ca.issue([f"host{i}.example"]) for i in range(10)]
+    targets = urls(1000, vaults=4)
+    for i, url in enumerate(targets):
+        source.set(url, pool[i % 10])
+    store = MemoryStore()
+    sync = CertSync(targets, store=store, source=source, rate_limit=100_000)
+    report = await sync.sync_once()
+    assert len(report.updated) == 1000 and report.ok
+    assert store.installs == 1000
+    assert all(store.current(SecretUri.parse(u)) for u in targets)
+
+
+async def test_exactly_one_update_per_new_version(ca: TestAuthority) -> None:
+    source = MemorySource()
+    url = urls(1)[0]
+    first = source.set(url, ca.issue(["a.example"]))
+    sync = CertSync([url], store=MemoryStore(), source=source)
+    updates = collect(sync, CertificateUpdated)
+    for _ in range(3):
+        await sync.sync_once()
+    second = source.rotate(url, ca.issue(["a.example"]))
+    for _ in range(3):
+        await sync.sync_once()
+    assert [(e.previous_version, e.version) for e in updates] == [(None, first), (first, second)]
+
+
+async def test_restart_with_prefilled_store_emits_nothing(material: CertificateMaterial) -> None:
+    source = MemorySource()
+    targets = urls(5)
+    for url in targets:
+        source.set(url, material)
+    store = MemoryStore()
+    await CertSync(targets, store=store, source=source).sync_once()
+    restarted = CertSync(targets, store=store, source=source)
+    events = collect(restarted)
+    async with restarted:
+        await restarted.wait_ready()
+    assert store.installs == 5
+    assert [type(e) for e in events] == [InitialSyncCompleted]
+    assert events[0].count == 5  # type: ignore[attr-defined]
+
+
+async def test_failures_keep_the_last_good_certificate(material: CertificateMaterial) -> None:
+    source = MemorySource()
+    url = urls(1)[0]
+    good = source.set(url, material)
+    store = MemoryStore()
+    sync = CertSync([url], store=store, source=source)
+    failures = collect(sync, SyncFailed)
+    uri = SecretUri.parse(url)
+    await sync.sync_once()
+
+    source.rotate(url, "definitely not a certificate", "application/x-pkcs12")
+    source.fail(TransientSourceError("503 from the vault"), uri=url)
+    report = await sync.sync_once()
+    assert isinstance(report.errors[uri], TransientSourceError)
+    report = await sync.sync_once()
+    assert isinstance(report.errors[uri], MaterialError)
+    source.delete(url)
+    report = await sync.sync_once()
+    assert isinstance(report.errors[uri], SecretNotFound)
+
+    assert [r.version for r in store.history(uri)] == [good]
+    assert [type(f.error) for f in failures] == [
+        TransientSourceError,
+        MaterialError,
+        SecretNotFound,
+    ]
+    assert "definitely" not in repr(failures[1]) and "definitely" not in str(failures[1].error)
+
+
+async def test_disabled_or_not_yet_valid_versions_are_not_installed(
+    material: CertificateMaterial,
+) -> None:
+    clock = FakeClock()
+    source = MemorySource()
+    a, b = urls(2)
+    source.set(a, material)
+    source.disable(a)
+    source.set(b, material, not_before=clock.utcnow() + timedelta(hours=1))
+    store = MemoryStore()
+    sync = CertSync([a, b], store=store, source=source, clock=clock)
+    report = await sync.sync_once()
+    errors = {str(k): v for k, v in report.errors.items()}
+    assert isinstance(errors[a], AccessDenied) and errors[a].code == "SecretDisabled"
+    assert isinstance(errors[b], AccessDenied) and "not valid before" in str(errors[b])
+    assert store.installs == 0
+
+
+# ------------------------------------------------------------------------- scheduling
+
+
+async def test_polls_stay_on_their_interval_grid(material: CertificateMaterial) -> None:
+    clock = FakeClock()
+    source = MemorySource()
+    url = urls(1)[0]
+    source.set(url, material)
+    calls: list[float] = []
+    source.observe(lambda uri: calls.append(clock.now()))
+    sync = CertSync(
+        [url], store=MemoryStore(), source=source, clock=clock, polling_interval=100, jitter=0.1
+    )
+    async with sync:
+        await sync.wait_ready()  # in real time: the fake clock stays at 0 until the install
+        await drive(clock, lambda: len(calls) >= 8, step=1, limit=2000)
+    assert calls[0] == 0
+    assert 100 <= calls[1] < 110
+    gaps = [b - a for a, b in itertools.pairwise(calls[1:])]
+    assert gaps == pytest.approx([100] * len(gaps), abs=1.01)  # only the step size, no drift
+    assert calls[-1] - calls[1] == pytest.approx(100 * (len(calls) - 2), abs=1.01)
+
+
+async def test_jitter_spreads_the_phases(material: CertificateMaterial) -> None:
+    clock = FakeClock()
+    source = MemorySource()
+    targets = urls(50)
+    for url in targets:
+        source.set(url, material)
+    sync = CertSync(
+        targets,
+        store=MemoryStore(),
+        source=source,
+        clock=clock,
+        polling_interval=1000,
+        jitter=0.2,
+        rate_limit=10_000,
+    )
+    seconds: list[float] = []
+    async with sync:
+        await sync.wait_ready()
+        source.observe(lambda uri: seconds.append(clock.now()))
+        await drive(clock, lambda: len(seconds) >= 50, step=1, limit=1300)
+    assert min(seconds) >= 1000 and max(seconds) <= 1201
+    assert len({int(s // 20) for s in seconds}) >= 5  # not one burst
+
+
+async def test_non_retryable_errors_wait_for_the_interval(material: CertificateMaterial) -> None:
+    clock = FakeClock()
+    source = MemorySource()
+    url = urls(1)[0]
+    source.set(url, material)
+    sync = CertSync(
+        [url], store=MemoryStore(), source=source, clock=clock, polling_interval=600, jitter=0
+    )
+    failures = collect(sync, SyncFailed)
+    async with sync:
+        await sync.wait_ready()
+        source.fail(AccessDenied("403", code="ForbiddenByRbac"), uri=url)
+        source.fail(TransientSourceError("reset"), uri=url)
+        await drive(clock, lambda: len(failures) >= 2, step=5, limit=1300)
+    assert failures[0].retry_in == pytest.approx(600, abs=5)
+    assert failures[1].retry_in is not None and failures[1].retry_in <= RetryPolicy().ceiling(2)
+
+
+async def test_refresh_polls_now_and_update_observed_changes_the_set(ca: TestAuthority) -> None:
+    clock = FakeClock()
+    source = MemorySource()
+    a, b = urls(2)
+    for url in (a, b):
+        source.set(url, ca.issue(["x.example"]))
+    store = MemoryStore()
+    sync = CertSync([a], store=store, source=source, clock=clock, polling_interval=3600)
+    async with sync:
+        await sync.wait_ready()
+        new = source.rotate(a, ca.issue(["x.example"]))
+        report = await sync.refresh(a)
+        assert report.updated[0].installed is not None
+        assert report.updated[0].installed.version == new
+        added, removed = sync.update_observed([b])
+        assert [str(u) for u in added] == [b] and [str(u) for u in removed] == [a]
+        await settle(lambda: store.current(SecretUri.parse(b)) is not None)
+        with pytest.raises(KeyError):
+            await sync.refresh(a)
+    assert [o.uri for o in sync.observed] == [SecretUri.parse(b)]
+
+
+# ------------------------------------------------------------------------- initial sync
+
+
+async def test_required_initial_sync_retries_until_the_secret_exists(
+    material: CertificateMaterial,
+) -> None:
+    clock = FakeClock()
+    source = MemorySource()
+    a, b = urls(2)
+    source.set(a, material)
+    sync = CertSync(
+        [a, b],
+        store=MemoryStore(),
+        source=source,
+        clock=clock,
+        retry=RetryPolicy(initial=1, maximum=4),
+    )
+    ready = collect(sync, InitialSyncCompleted)
+    async with sync:
+        await drive(clock, lambda: sync.limiter("vault0a.vault.azure.net") is not None, limit=1)
+        await clock.advance(30)
+        assert not ready  # b does not exist yet; not-found is retried on backoff, not hourly
+        source.set(b, material)
+        await drive(clock, lambda: bool(ready), step=0.5, limit=10)
+        await sync.wait_ready()
+    assert ready[0].count == 2  # type: ignore[attr-defined]
+
+
+async def test_initial_sync_attempts_bound_the_wait(material: CertificateMaterial) -> None:
+    clock = FakeClock()
+    source = MemorySource()
+    a, b = urls(2)
+    source.set(a, material)
+    sync = CertSync(
+        [a, b],
+        store=MemoryStore(),
+        source=source,
+        clock=clock,
+        initial_sync_attempts=3,
+        retry=RetryPolicy(initial=1, maximum=2),
+    )
+    failures = collect(sync, SyncFailed)
+    async with sync:
+        await drive(clock, lambda: len(failures) >= 3, step=0.5)
+        with pytest.raises(InitialSyncError, match="secrets/cert1"):
+            await sync.wait_ready()
+    assert [f.attempt for f in failures[:3]] == [1, 2, 3]
+
+
+async def test_optional_initial_sync_is_ready_after_one_attempt(
+    material: CertificateMaterial,
+) -> None:
+    source = MemorySource()
+    a, b = urls(2)
+    source.set(a, material)
+    sync = CertSync([a, b], store=MemoryStore(), source=source, require_initial_sync=False)
+    ready = collect(sync, InitialSyncCompleted)
+    async with sync:
+        with anyio.fail_after(10):
+            await sync.wait_ready()
+    assert ready[0].count == 1  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------------- expiry and hooks
+
+
+async def test_expiring_certificate_warns_once_per_version_per_day(ca: TestAuthority) -> None:
+    clock = FakeClock(wall=datetime.now(UTC))
+    source = MemorySource()
+    url = urls(1)[0]
+    source.set(url, ca.issue(["soon.example"], not_after=clock.utcnow() + timedelta(days=5)))
+    sync = CertSync(
+        [url],
+        store=MemoryStore(),
+        source=source,
+        clock=clock,
+        polling_interval=3600,
+        jitter=0,
+        expiry_warning=timedelta(days=14),
+    )
+    warnings = collect(sync, CertificateExpiring)
+    async with sync:
+        await drive(clock, lambda: bool(warnings), limit=1)
+        await drive(clock, lambda: clock.now() >= 20 * 3600, step=600, limit=21 * 3600)
+        assert len(warnings) == 1  # 20 polls, one warning
+        await drive(clock, lambda: len(warnings) == 2, step=600, limit=5 * 3600)
+    assert 24 * 3600 <= clock.now() <= 25 * 3600
+    assert warnings[0].remaining <= timedelta(days=5)  # type: ignore[attr-defined]
+
+
+async def test_hooks_that_raise_or_hang_do_not_stop_sync(
+    ca: TestAuthority, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = MemorySource()
+    url = urls(1)[0]
+    source.set(url, ca.issue(["h.example"]))
+    sync = CertSync([url], store=MemoryStore(), source=source, hook_timeout=0.2)
+
+    def explode(event: Event) -> None:
+        raise RuntimeError("hook bug")
+
+    async def hang(event: Event) -> None:
+        await anyio.sleep_forever()
+
+    bad = sync.subscribe(explode)
+    stuck = sync.subscribe(hang)
+    good = collect(sync, CertificateUpdated)
+    with caplog.at_level(logging.WARNING):
+        async with sync:
+            await sync.wait_ready()
+            source.rotate(url, ca.issue(["h.example"]))
+            await sync.refresh()
+            await settle(lambda: len(good) == 2 and bad.failures >= 2 and stuck.failures >= 1)
+    assert "hook bug" in caplog.text or "explode" in caplog.text
+
+
+# ------------------------------------------------------------------------- shutdown
+
+
+async def test_shutdown_is_prompt_and_finishes_installs(material: CertificateMaterial) -> None:
+    source = MemorySource()
+    fast, slow = urls(2)
+    source.set(fast, material)
+    source.set(slow, material)
+    started = anyio.Event()
+
+    class SlowStore(MemoryStore):
+        async def install(
+            self, observed: ObservedCertificate, material: CertificateMaterial, version: str
+        ) -> InstalledCertificate:
+            if observed.uri == SecretUri.parse(slow):
+                started.set()
+                await anyio.sleep(0.3)
+            return await super().install(observed, material, version)
+
+    class HangingSource(MemorySource):
+        async def get(self, uri: SecretUri) -> object:  # type: ignore[override]
+            if started.is_set() and uri == SecretUri.parse(fast):
+                await anyio.sleep_forever()
+            return await super().get(uri)
+
+    hanging = HangingSource()
+    hanging._secrets = source._secrets
+    store = SlowStore()
+    sync = CertSync([slow], store=store, source=hanging)
+    with anyio.fail_after(5):
+        async with sync:
+            await started.wait()
+    assert store.current(SecretUri.parse(slow)) is not None  # the install ran to the end
+    assert hanging.closed
+
+
+async def test_shutdown_cancels_a_hanging_fetch(material: CertificateMaterial) -> None:
+    source = MemorySource(latency=3600)
+    url = urls(1)[0]
+    source.set(url, material)
+    sync = CertSync([url], store=MemoryStore(), source=source)
+    with anyio.fail_after(5):
+        async with sync:
+            await settle(lambda: source.in_flight == 1)
+    assert source.in_flight == 0 and source.closed
+
+
+async def test_events_iterator_sees_every_kind(ca: TestAuthority) -> None:
+    source = MemorySource()
+    a, b = urls(2)
+    source.set(a, ca.issue(["i.example"]))
+    seen: Counter[str] = Counter()
+    sync = CertSync([a, b], store=MemoryStore(), source=source, require_initial_sync=False)
+    async with sync:
+        stream = sync.events()
+        with anyio.fail_after(10):
+            async for event in stream:
+                seen[type(event).__name__] += 1
+                if isinstance(event, InitialSyncCompleted):
+                    break
+    assert seen == {"CertificateUpdated": 1, "SyncFailed": 1, "InitialSyncCompleted": 1}
+
+
+def test_constructor_validates_options(material: CertificateMaterial) -> None:
+    source, store = MemorySource(), MemoryStore()
+    with pytest.raises(ValueError, match="observed twice"):
+        CertSync(
+            [urls(1)[0], urls(1)[0].upper().replace("HTTPS", "https")], store=store, source=source
+        )
+    for bad in ({"polling_interval": 0}, {"max_concurrency": 0}, {"rate_limit": 0}, {"jitter": 2}):
+        with pytest.raises(ValueError):
+            CertSync(urls(1), store=store, source=source, **bad)  # type: ignore[arg-type]
+
+
+def test_report_outcomes() -> None:
+    assert {o.value for o in Outcome} == {"updated", "unchanged", "failed"}
+
+
+async def test_event_iterator_outlives_one_off_passes(ca: TestAuthority) -> None:
+    source = MemorySource()
+    url = urls(1)[0]
+    source.set(url, ca.issue(["p.example"]))
+    sync = CertSync([url], store=MemoryStore(), source=source)
+    stream = sync.events(CertificateUpdated)
+    await sync.sync_once()
+    source.rotate(url, ca.issue(["p.example"]))
+    await sync.sync_once()
+    await sync.aclose()
+    received = [event async for event in stream]
+    assert len(received) == 2
+    assert source.closed
