@@ -70,8 +70,15 @@ class FakeClock:
             await anyio.lowlevel.checkpoint()
             return
         wake = anyio.Event()
-        heapq.heappush(self._sleepers, (deadline, next(self._seq), wake))
-        await wake.wait()
+        item = (deadline, next(self._seq), wake)
+        heapq.heappush(self._sleepers, item)
+        try:
+            await wake.wait()
+        finally:
+            if not wake.is_set():
+                # Cancelled: a stale sleeper would make advance() stop at a dead deadline.
+                self._sleepers.remove(item)
+                heapq.heapify(self._sleepers)
 
     @property
     def next_deadline(self) -> float | None:

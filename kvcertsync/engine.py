@@ -10,7 +10,7 @@ import math
 import random
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -111,22 +111,28 @@ class _State(enum.Enum):
     RUNNING = "running"
 
 
+_Waiter = Callable[[PollResult], None]
+
+
 @attrs.define(eq=False)
 class _Entry:
     observed: ObservedCertificate
     state: _State = _State.SCHEDULED
     generation: int = 0
     attempt: int = 0
+    initial_failures: int = 0
     polls: int = 0
     anchor: float | None = None
     ready: bool = False
     settled: bool = False
     gave_up: bool = False
     removed: bool = False
+    successor: _Entry | None = None
+    installed: InstalledCertificate | None = None
     last_error: BaseException | None = None
     warned: tuple[str, float] | None = None
-    waiters_next: list[Callable[[PollResult], None]] = attrs.Factory(list)
-    waiters_now: list[Callable[[PollResult], None]] = attrs.Factory(list)
+    waiters_next: list[_Waiter] = attrs.Factory(list)
+    waiters_now: list[_Waiter] = attrs.Factory(list)
 
     @property
     def uri(self) -> SecretUri:
@@ -136,12 +142,25 @@ class _Entry:
     def vault(self) -> str:
         return self.observed.uri.hostname
 
+    def release(self, waiters: list[_Waiter], error: BaseException) -> None:
+        """Answer ``waiters`` with a failure: the poll they wait for will not happen."""
+        for notify in waiters:
+            notify(PollResult(self.uri, Outcome.FAILED, None, error))
+
 
 def _retryable(error: Exception) -> bool:
     if isinstance(error, SourceError):
         return error.retryable
     # A corrupt secret stays corrupt until a new version appears: no point hammering it.
     return not isinstance(error, MaterialError)
+
+
+def _scrub(error: Exception) -> Exception:
+    """Drop the traceback and chained errors: their frames hold secret values as locals."""
+    error.__traceback__ = None
+    error.__context__ = None
+    error.__cause__ = None
+    return error
 
 
 class CertSync:
@@ -155,6 +174,7 @@ class CertSync:
         source: SecretSource,
         polling_interval: float = 3600.0,
         max_concurrency: int = 32,
+        max_per_vault: int | None = None,
         rate_limit: float = 100.0,
         rate_burst: float | None = None,
         jitter: float = 0.1,
@@ -167,22 +187,30 @@ class CertSync:
         clock: Clock | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        if not polling_interval > 0:
-            raise ValueError("polling_interval must be positive")
-        if max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1")
-        if not rate_limit > 0:
-            raise ValueError("rate_limit must be positive")
-        if not 0 <= jitter <= 1:
-            raise ValueError("jitter must be between 0 and 1")
-        if initial_sync_attempts is not None and initial_sync_attempts < 1:
-            raise ValueError("initial_sync_attempts must be at least 1")
+        burst = float(rate_burst if rate_burst is not None else max(1.0, rate_limit))
+        per_vault = max_per_vault if max_per_vault is not None else max(1, 3 * max_concurrency // 4)
+        problems = [
+            (not polling_interval > 0, "polling_interval must be positive"),
+            (max_concurrency < 1, "max_concurrency must be at least 1"),
+            (per_vault < 1, "max_per_vault must be at least 1"),
+            (not rate_limit > 0, "rate_limit must be positive"),
+            (not burst >= 1, "rate_burst must be at least 1"),
+            (not 0 <= jitter <= 1, "jitter must be between 0 and 1"),
+            (
+                initial_sync_attempts is not None and initial_sync_attempts < 1,
+                "initial_sync_attempts must be at least 1",
+            ),
+        ]
+        for wrong, message in problems:
+            if wrong:
+                raise ValueError(message)
         self.store = store
         self.source = source
         self.polling_interval = float(polling_interval)
         self.max_concurrency = max_concurrency
+        self.max_per_vault = min(per_vault, max_concurrency)
         self.rate_limit = float(rate_limit)
-        self.rate_burst = float(rate_burst if rate_burst is not None else max(1.0, rate_limit))
+        self.rate_burst = burst
         self.jitter = jitter
         self.retry = retry or RetryPolicy()
         self.require_initial_sync = require_initial_sync
@@ -190,7 +218,7 @@ class CertSync:
         self.expiry_warning = expiry_warning
         self.clock: Clock = clock or SystemClock()
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
-        self._bus = EventBus(hook_timeout=hook_timeout, buffer=event_buffer)
+        self._bus = EventBus(hook_timeout=hook_timeout, buffer=event_buffer, shutdown_grace=0.5)
         self._entries: dict[SecretUri, _Entry] = {}
         for item in observed:
             entry = _Entry(self._as_observed(item))
@@ -198,18 +226,22 @@ class CertSync:
                 raise ValueError(f"{entry.uri} is observed twice")
             self._entries[entry.uri] = entry
         self._limiters: dict[str, VaultLimiter] = {}
+        self._vault_slots: dict[str, anyio.CapacityLimiter] = {}
+        self._slots = anyio.CapacityLimiter(max_concurrency)
         self._queues: dict[str, deque[_Entry]] = {}
         self._queue_wakers: dict[str, anyio.Event] = {}
         self._heap: list[tuple[float, int, int, _Entry]] = []
         self._seq = itertools.count()
-        self._scheduler_wake = anyio.Event()
-        self._limiter = anyio.CapacityLimiter(max_concurrency)
+        self._wake_scope: anyio.CancelScope | None = None
         self._ready = anyio.Event()
         self._ready_error: InitialSyncError | None = None
         self._initial_pending: set[_Entry] = set(self._entries.values())
         self._started_at: float | None = None
         self._tg: anyio.abc.TaskGroup | None = None
-        self._stack: AsyncExitStack | None = None
+        self._background = False
+        self._run_lock = anyio.Lock()
+        self._run_changed = anyio.Event()
+        self._context: AbstractAsyncContextManager[None] | None = None
 
     @classmethod
     def from_settings(
@@ -221,13 +253,20 @@ class CertSync:
         credential: Any = None,
         **options: Any,
     ) -> CertSync:
-        """A CertSync for the extension settings ``settings`` (interval, initial sync, URLs)."""
-        if store is None or source is None:
-            raise TypeError(
-                "CertSync.from_settings needs store= and source= (for example MemoryStore() and "
-                "MemorySource()); choosing them from the settings is not available yet"
+        """A CertSync for the extension settings ``settings`` (interval, initial sync, URLs).
+
+        Without ``source`` it reads Key Vault, authenticating as the settings say (or with
+        ``credential``); without ``store`` it installs where the settings' locations point.
+        """
+        # Imported here: the engine itself knows only the protocols (see kvcertsync.compose).
+        from kvcertsync import compose
+
+        if store is None:
+            store = compose.store_from_settings(settings)
+        if source is None:
+            source = compose.source_from_settings(
+                settings, credential, max_connections=options.get("max_concurrency", 32)
             )
-        del credential  # Used by the source factory once one exists; a given source has its own.
         options.setdefault("polling_interval", settings.polling_interval)
         options.setdefault("require_initial_sync", settings.require_initial_sync)
         return cls(settings.observed, store=store, source=source, **options)
@@ -246,7 +285,7 @@ class CertSync:
     @property
     def running(self) -> bool:
         """True inside ``async with``."""
-        return self._tg is not None
+        return self._background
 
     def limiter(self, vault_host: str) -> VaultLimiter:
         """The rate limiter of one vault (created on first use)."""
@@ -268,15 +307,11 @@ class CertSync:
 
     async def __aenter__(self) -> Self:
         """Start polling in the background."""
-        if self._stack is not None:
+        if self._context is not None:
             raise RuntimeError("this CertSync is already running")
-        stack = AsyncExitStack()
-        try:
-            await stack.enter_async_context(self._running())
-        except BaseException:
-            await stack.aclose()
-            raise
-        self._stack = stack
+        context = self._running(background=True)
+        await context.__aenter__()
+        self._context = context
         return self
 
     async def __aexit__(
@@ -286,10 +321,11 @@ class CertSync:
         tb: TracebackType | None,
     ) -> None:
         """Stop polling (installs in progress finish), deliver pending events, close the source."""
-        stack, self._stack = self._stack, None
+        context, self._context = self._context, None
         try:
-            if stack is not None:
-                await stack.__aexit__(exc_type, exc, tb)
+            if context is not None:
+                # The body's own exception goes on as itself, not wrapped in an ExceptionGroup.
+                await context.__aexit__(None, None, None)
         finally:
             await self.aclose()
 
@@ -318,10 +354,15 @@ class CertSync:
             if key not in self._entries:
                 raise KeyError(f"{key} is not observed")
             entries = [self._entries[key]]
-        if self._tg is not None:
-            return await self._poll_now(entries)
-        async with self._running(schedule=False):
-            return await self._poll_now(entries)
+        while True:
+            if self._background:
+                return await self._poll_now(entries)
+            if not self._run_lock.locked():
+                # Outside ``async with``: a one-off pass with its own, short-lived machinery.
+                async with self._running(background=False):
+                    return await self._poll_now(entries)
+            # Another one-off pass is running: take our turn after it (or join a background run).
+            await self._run_changed.wait()
 
     def update_observed(
         self, observed: Iterable[ObservedCertificate | SecretUri | str]
@@ -331,72 +372,95 @@ class CertSync:
         keys = {o.uri for o in wanted}
         removed = tuple(uri for uri in self._entries if uri not in keys)
         for uri in removed:
-            gone = self._entries.pop(uri)
-            self._retire(gone)
-            self._initial_pending.discard(gone)
+            self._retire(self._entries.pop(uri))
         added: list[SecretUri] = []
         for item in wanted:
             existing = self._entries.get(item.uri)
             if existing is not None and existing.observed == item:
                 continue
-            if existing is not None:
-                self._retire(existing)
-                self._initial_pending.discard(existing)
             fresh = _Entry(item)
             self._entries[item.uri] = fresh
+            added.append(item.uri)
             if not self._ready.is_set():
                 self._initial_pending.add(fresh)
-            added.append(item.uri)
+            if existing is not None:
+                self._retire(existing)
+                if existing.state is _State.RUNNING:
+                    # Never two polls of one URL at once: the new entry starts when the old ends.
+                    existing.successor = fresh
+                    continue
             if self._tg is not None:
                 self._schedule(fresh, self.clock.now())
         if removed:
             self._check_ready()
         return tuple(added), removed
 
-    @staticmethod
-    def _retire(entry: _Entry) -> None:
+    def _retire(self, entry: _Entry) -> None:
         entry.removed = True
         entry.generation += 1
+        self._initial_pending.discard(entry)
         if entry.state is not _State.RUNNING:
             # A queued poll will now never run: release whoever waits for it.
-            gone = KvCertSyncError(f"{entry.uri} is no longer observed")
             waiters, entry.waiters_next = entry.waiters_next, []
-            for notify in waiters:
-                notify(PollResult(entry.uri, Outcome.FAILED, None, gone))
+            entry.release(waiters, KvCertSyncError(f"{entry.uri} is no longer observed"))
 
     # ----------------------------------------------------------------- lifecycle
 
     @asynccontextmanager
-    async def _running(self, *, schedule: bool = True) -> AsyncIterator[None]:
-        self._started_at = self.clock.now()
-        # A one-off pass outside ``async with`` must not end the user's event iterators.
-        async with self._bus.delivering(end_streams=schedule), anyio.create_task_group() as tg:
-            self._tg = tg
-            try:
-                if schedule:
-                    now = self.clock.now()
-                    for entry in self._entries.values():
-                        self._schedule(entry, now)
-                    tg.start_soon(self._scheduler)
-                yield
-            finally:
-                self._tg = None
-                self._heap.clear()
-                self._queues.clear()
-                self._queue_wakers.clear()
-                for entry in self._entries.values():
-                    entry.state = _State.SCHEDULED
-                    entry.generation += 1
-                tg.cancel_scope.cancel()
+    async def _running(self, *, background: bool) -> AsyncIterator[None]:
+        async with self._run_lock:
+            self._started_at = self.clock.now()
+            # A one-off pass outside ``async with`` must not end the user's event iterators.
+            async with (
+                self._bus.delivering(end_streams=background),
+                anyio.create_task_group() as tg,
+            ):
+                self._tg = tg
+                self._background = background
+                self._signal_run_changed()
+                try:
+                    if background:
+                        now = self.clock.now()
+                        for entry in self._entries.values():
+                            self._schedule(entry, now)
+                        tg.start_soon(self._scheduler)
+                    yield
+                finally:
+                    self._stop()
+                    tg.cancel_scope.cancel()
+        self._signal_run_changed()
+
+    def _signal_run_changed(self) -> None:
+        self._run_changed.set()
+        self._run_changed = anyio.Event()
+
+    def _stop(self) -> None:
+        """Forget the run's queues and timers; answer everyone still waiting for a poll."""
+        self._tg = None
+        self._background = False
+        self._heap.clear()
+        self._queues.clear()
+        self._queue_wakers.clear()
+        stopped = KvCertSyncError("the sync engine stopped before this poll completed")
+        for entry in self._entries.values():
+            entry.state = _State.SCHEDULED
+            entry.generation += 1
+            waiters = entry.waiters_now + entry.waiters_next
+            entry.waiters_now, entry.waiters_next = [], []
+            entry.release(waiters, stopped)
 
     # ----------------------------------------------------------------- scheduling
 
     def _schedule(self, entry: _Entry, due: float) -> None:
         entry.generation += 1
         entry.state = _State.SCHEDULED
+        if len(self._heap) > 2 * len(self._entries) + 64:
+            # Rescheduling leaves stale items behind; drop them before they pile up.
+            self._heap = [item for item in self._heap if item[2] == item[3].generation]
+            heapq.heapify(self._heap)
         heapq.heappush(self._heap, (due, next(self._seq), entry.generation, entry))
-        if self._heap[0][3] is entry:
-            self._scheduler_wake.set()
+        if self._heap[0][3] is entry and self._wake_scope is not None:
+            self._wake_scope.cancel()
 
     def _next_regular(self, entry: _Entry, now: float) -> float:
         interval = self.polling_interval
@@ -417,41 +481,48 @@ class CertSync:
                 _, _, generation, entry = heapq.heappop(self._heap)
                 if generation == entry.generation and not entry.removed:
                     self._enqueue(entry)
-            wake = self._scheduler_wake = anyio.Event()
-            if not self._heap:
-                await wake.wait()
-                continue
-            async with anyio.create_task_group() as timer:
-                timer.start_soon(self._alarm, self._heap[0][0], wake)
-                await wake.wait()
-                timer.cancel_scope.cancel()
-
-    async def _alarm(self, deadline: float, wake: anyio.Event) -> None:
-        await self.clock.sleep_until(deadline)
-        wake.set()
+            with anyio.CancelScope() as scope:
+                self._wake_scope = scope
+                if self._heap:
+                    await self.clock.sleep_until(self._heap[0][0])
+                else:
+                    await anyio.sleep_forever()
+            self._wake_scope = None
 
     def _enqueue(self, entry: _Entry) -> None:
         """Queue ``entry`` for its vault now, taking it off the timer."""
-        assert self._tg is not None
+        tg = self._tg
+        if tg is None:
+            raise RuntimeError("the sync engine is not running")
         entry.generation += 1
         entry.state = _State.QUEUED
         queue = self._queues.get(entry.vault)
         if queue is None:
             queue = self._queues[entry.vault] = deque()
             self._queue_wakers[entry.vault] = anyio.Event()
-            self._tg.start_soon(self._dispatch, entry.vault, queue)
+            tg.start_soon(self._dispatch, tg, entry.vault, queue)
         queue.append(entry)
         self._queue_wakers[entry.vault].set()
 
-    async def _dispatch(self, vault: str, queue: deque[_Entry]) -> None:
-        """Feed one vault's due polls out at its rate: one waiting task per vault, not per URL."""
-        assert self._tg is not None
-        tg = self._tg
+    def _vault_slots_for(self, vault: str) -> anyio.CapacityLimiter:
+        slots = self._vault_slots.get(vault)
+        if slots is None:
+            slots = self._vault_slots[vault] = anyio.CapacityLimiter(self.max_per_vault)
+        return slots
+
+    async def _dispatch(self, tg: anyio.abc.TaskGroup, vault: str, queue: deque[_Entry]) -> None:
+        """Feed one vault's due polls out at its rate: one waiting task per vault, not per URL.
+
+        It waits for the vault's bucket, then one of the vault's own slots (so a slow vault
+        stalls only itself), then a global slot, and checks the bucket again last: the vault
+        may have throttled meanwhile.
+        """
         limiter = self.limiter(vault)
+        vault_slots = self._vault_slots_for(vault)
         while True:
             while not queue:
-                self._queue_wakers[vault] = anyio.Event()
-                await self._queue_wakers[vault].wait()
+                waker = self._queue_wakers[vault] = anyio.Event()
+                await waker.wait()
             entry = queue[0]
             if entry.removed or entry.state is not _State.QUEUED:
                 queue.popleft()
@@ -460,31 +531,42 @@ class CertSync:
             if delay > 0:
                 await self.clock.sleep_until(self.clock.now() + delay)
                 continue
-            slot = object()
-            await self._limiter.acquire_on_behalf_of(slot)
-            # The vault may have throttled while we waited for a slot: check the bucket again.
-            if not limiter.try_take():
-                self._limiter.release_on_behalf_of(slot)
+            token = object()
+            await vault_slots.acquire_on_behalf_of(token)
+            try:
+                await self._slots.acquire_on_behalf_of(token)
+            except BaseException:
+                vault_slots.release_on_behalf_of(token)
+                raise
+            # No await from here on: queue, entry and bucket cannot change under us.
+            still_first = queue and queue[0] is entry and entry.state is _State.QUEUED
+            if not (still_first and not entry.removed and limiter.try_take()):
+                self._slots.release_on_behalf_of(token)
+                vault_slots.release_on_behalf_of(token)
                 continue
-            if queue and queue[0] is entry and entry.state is _State.QUEUED and not entry.removed:
-                queue.popleft()
-                entry.state = _State.RUNNING
-                entry.waiters_now, entry.waiters_next = entry.waiters_next, []
-                tg.start_soon(self._run, entry, slot)
-            else:
-                self._limiter.release_on_behalf_of(slot)
+            queue.popleft()
+            entry.state = _State.RUNNING
+            entry.waiters_now, entry.waiters_next = entry.waiters_next, []
+            tg.start_soon(self._run, entry, token, vault_slots)
 
-    async def _run(self, entry: _Entry, slot: object) -> None:
+    async def _run(self, entry: _Entry, token: object, vault_slots: anyio.CapacityLimiter) -> None:
         try:
             result, due = await self._poll(entry)
         finally:
-            self._limiter.release_on_behalf_of(slot)
+            self._slots.release_on_behalf_of(token)
+            vault_slots.release_on_behalf_of(token)
         entry.state = _State.SCHEDULED
         waiters, entry.waiters_now = entry.waiters_now, []
         for notify in waiters:
             notify(result)
-        if entry.removed or self._tg is None:
+        if entry.removed:
+            entry.release(entry.waiters_next, KvCertSyncError(f"{entry.uri} is no longer observed"))
+            entry.waiters_next = []
+            if entry.successor is not None and self._tg is not None:
+                self._schedule(entry.successor, self.clock.now())
             return
+        if self._tg is None:
+            return  # the run is ending; _stop() answers any waiters
         if entry.waiters_next:
             self._enqueue(entry)
         else:
@@ -495,8 +577,9 @@ class CertSync:
             return SyncReport(())
         results: dict[int, PollResult] = {}
         done = anyio.Event()
+        registered: list[tuple[_Entry, _Waiter]] = []
 
-        def waiter(index: int) -> Callable[[PollResult], None]:
+        def waiter(index: int) -> _Waiter:
             def notify(result: PollResult) -> None:
                 results[index] = result
                 if len(results) == len(entries):
@@ -505,10 +588,22 @@ class CertSync:
             return notify
 
         for index, entry in enumerate(entries):
-            entry.waiters_next.append(waiter(index))
-            if entry.state is _State.SCHEDULED:
+            notify = waiter(index)
+            registered.append((entry, notify))
+            entry.waiters_next.append(notify)
+            if entry.state is _State.SCHEDULED and not entry.removed:
                 self._enqueue(entry)
-        await done.wait()
+            elif entry.removed:
+                entry.waiters_next.remove(notify)
+                entry.release([notify], KvCertSyncError(f"{entry.uri} is no longer observed"))
+        try:
+            await done.wait()
+        finally:
+            # A caller that gave up (cancelled) must not leave its waiters behind.
+            for entry, notify in registered:
+                for waiters in (entry.waiters_next, entry.waiters_now):
+                    if notify in waiters:
+                        waiters.remove(notify)
         return SyncReport(tuple(results[i] for i in range(len(entries))))
 
     # ----------------------------------------------------------------- one poll
@@ -521,8 +616,6 @@ class CertSync:
             fetched = await self.source.get(entry.uri)
             limiter.succeeded()
             result = await self._apply(entry, fetched)
-        except anyio.get_cancelled_exc_class():
-            raise
         except Exception as error:
             if isinstance(error, Throttled):
                 pause = limiter.throttled(error.retry_after)
@@ -530,9 +623,10 @@ class CertSync:
             return self._failed(entry, error)
         entry.attempt = 0
         entry.last_error = None
+        entry.installed = result.installed
         entry.ready = True
         self._check_ready(entry)
-        self._check_expiry(entry, result)
+        self._check_expiry(entry)
         return result, self._next_regular(entry, self.clock.now())
 
     async def _apply(self, entry: _Entry, fetched: SecretVersion) -> PollResult:
@@ -542,6 +636,7 @@ class CertSync:
             code = "SecretDisabled" if not fetched.enabled else "SecretNotYetValid"
             raise AccessDenied(f"{fetched.uri}: secret version {reason}", code=code)
         current = await self.store.installed(observed)
+        entry.installed = current
         if current is not None and current.version == fetched.version:
             return PollResult(entry.uri, Outcome.UNCHANGED, current)
         material = await anyio.to_thread.run_sync(
@@ -570,12 +665,24 @@ class CertSync:
         return PollResult(entry.uri, Outcome.UPDATED, installed)
 
     def _failed(self, entry: _Entry, error: Exception) -> tuple[PollResult, float]:
+        if isinstance(error, KvCertSyncError):
+            logger.warning(
+                "sync of %s failed (attempt %d): %s", entry.uri, entry.attempt + 1, error
+            )
+        else:
+            logger.warning(
+                "sync of %s failed (attempt %d)", entry.uri, entry.attempt + 1, exc_info=error
+            )
+        error = _scrub(error)
         entry.attempt += 1
         entry.last_error = error
         now = self.clock.now()
         initial = self.require_initial_sync and not entry.ready
-        if initial and self.initial_sync_attempts is not None:
-            entry.gave_up = entry.attempt >= self.initial_sync_attempts
+        if initial and not isinstance(error, Throttled):
+            # A throttled vault is busy, not broken: 429s do not use up the initial attempts.
+            entry.initial_failures += 1
+            limit = self.initial_sync_attempts
+            entry.gave_up = limit is not None and entry.initial_failures >= limit
         if _retryable(error) or (initial and not entry.gave_up):
             retry_after = error.retry_after if isinstance(error, SourceError) else None
             due = now + self.retry.delay(entry.attempt, retry_after, self._rng)
@@ -584,16 +691,12 @@ class CertSync:
                 due = max(due, self.limiter(entry.vault).paused_until)
         else:
             due = self._next_regular(entry, now)
-        if isinstance(error, KvCertSyncError):
-            logger.warning("sync of %s failed (attempt %d): %s", entry.uri, entry.attempt, error)
-        else:
-            logger.warning(
-                "sync of %s failed (attempt %d)", entry.uri, entry.attempt, exc_info=error
-            )
         self._bus.publish(SyncFailed(entry.uri, error, entry.attempt, due - now))
         if not self.require_initial_sync:
             entry.settled = True
         self._check_ready(entry)
+        # The certificate in place may be running out while we cannot renew it: say so.
+        self._check_expiry(entry)
         return PollResult(entry.uri, Outcome.FAILED, None, error), due
 
     def _check_ready(self, entry: _Entry | None = None) -> None:
@@ -615,8 +718,8 @@ class CertSync:
         self._bus.publish(InitialSyncCompleted(count, duration))
         self._ready.set()
 
-    def _check_expiry(self, entry: _Entry, result: PollResult) -> None:
-        installed = result.installed
+    def _check_expiry(self, entry: _Entry) -> None:
+        installed = entry.installed
         if self.expiry_warning is None or installed is None:
             return
         remaining = installed.not_after - self.clock.utcnow()
@@ -628,5 +731,7 @@ class CertSync:
             if version == installed.version and now - when < _DAY:
                 return
         entry.warned = (installed.version, now)
-        logger.warning("%s expires %s and no newer version exists", entry.uri, installed.not_after)
+        logger.warning(
+            "%s expires %s and no newer version is installed", entry.uri, installed.not_after
+        )
         self._bus.publish(CertificateExpiring(entry.uri, installed.not_after, remaining))

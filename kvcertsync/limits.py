@@ -11,6 +11,9 @@ from kvcertsync.clock import Clock
 
 __all__ = ["THROTTLE_LADDER", "RetryPolicy", "VaultLimiter"]
 
+# A token refilled to 1 - 1e-12 by float rounding is a whole token, not a reason to sleep 1e-14 s.
+_WHOLE = 1.0 - 1e-9
+
 #: Key Vault's recommended waits after a 429 without Retry-After, in seconds.
 THROTTLE_LADDER = (1.0, 2.0, 4.0, 8.0, 16.0)
 
@@ -86,16 +89,16 @@ class VaultLimiter:
         self._refill()
         now = self._clock.now()
         wait = max(0.0, self._paused_until - now)
-        if self._tokens >= 1.0:
+        if self._tokens >= _WHOLE:
             return wait
         return wait + (1.0 - self._tokens) / self.rate
 
     def try_take(self) -> bool:
         """Take a token if one is available now."""
         self._refill()
-        if self._clock.now() < self._paused_until or self._tokens < 1.0:
+        if self._clock.now() < self._paused_until or self._tokens < _WHOLE:
             return False
-        self._tokens -= 1.0
+        self._tokens = max(0.0, self._tokens - 1.0)
         return True
 
     def throttled(self, retry_after: float | None) -> float:

@@ -591,3 +591,185 @@ async def test_event_iterator_outlives_one_off_passes(ca: TestAuthority) -> None
     received = [event async for event in stream]
     assert len(received) == 2
     assert source.closed
+
+
+# ------------------------------------------------------------------------- regressions from review
+
+
+async def test_concurrent_one_off_passes_take_turns(material: CertificateMaterial) -> None:
+    source = MemorySource(latency=0.05)
+    targets = urls(3)
+    for url in targets:
+        source.set(url, material)
+    sync = CertSync(targets, store=MemoryStore(), source=source)
+    reports = []
+
+    async def one() -> None:
+        reports.append(await sync.sync_once())
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one)
+            tg.start_soon(one)
+    outcomes = sorted(tuple(r.outcome.value for r in rep.results) for rep in reports)
+    assert outcomes == [("unchanged",) * 3, ("updated",) * 3]
+    assert source.max_in_flight <= 3
+
+
+async def test_waiters_are_answered_when_their_url_is_removed_mid_poll(
+    material: CertificateMaterial,
+) -> None:
+    source = MemorySource(latency=0.2)
+    a, b = urls(2)
+    source.set(a, material)
+    source.set(b, material)
+    sync = CertSync([a, b], store=MemoryStore(), source=source)
+    async with sync:
+        await sync.wait_ready()
+        reports = []
+
+        async def poll_a() -> None:
+            reports.append(await sync.refresh(a))
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(poll_a)
+                await settle(lambda: source.in_flight == 1)
+                sync.update_observed([b])
+    # The poll that was running completes and answers; nothing waits forever.
+    assert len(reports) == 1 and len(reports[0].results) == 1
+
+
+async def test_waiters_are_answered_when_the_engine_stops(material: CertificateMaterial) -> None:
+    source = MemorySource(latency=3600)
+    url = urls(1)[0]
+    source.set(url, material)
+    sync = CertSync([url], store=MemoryStore(), source=source)
+    reports = []
+
+    async def poll() -> None:
+        reports.append(await sync.refresh())
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg, sync:
+            tg.start_soon(poll)
+            await settle(lambda: source.in_flight == 1)
+    assert "stopped" in str(reports[0].failed[0].error)
+
+
+async def test_body_exceptions_are_not_wrapped_and_quick_exit_is_clean(
+    material: CertificateMaterial,
+) -> None:
+    source = MemorySource()
+    source.set(urls(1)[0], material)
+    sync = CertSync(urls(1), store=MemoryStore(), source=source)
+    with pytest.raises(ValueError, match="user error"):
+        async with sync:
+            raise ValueError("user error")
+    async with sync:  # leaving before any task ran, and re-entering after exit
+        pass
+
+
+async def test_a_slow_vault_does_not_starve_a_healthy_one(material: CertificateMaterial) -> None:
+    class SlowVault(MemorySource):
+        async def get(self, uri: SecretUri) -> object:  # type: ignore[override]
+            if uri.vault_name == "slow":
+                await anyio.sleep(3600)
+            return await super().get(uri)
+
+    source = SlowVault()
+    slow = [f"https://slow.vault.azure.net/secrets/c{i}" for i in range(50)]
+    healthy = [f"https://healthy.vault.azure.net/secrets/c{i}" for i in range(50)]
+    for url in slow + healthy:
+        source.set(url, material)
+    store = MemoryStore()
+    sync = CertSync(slow + healthy, store=store, source=source, max_concurrency=8)
+    async with sync:
+        await settle(lambda: all(store.current(SecretUri.parse(u)) for u in healthy))
+        assert source.max_in_flight <= 8
+
+
+async def test_refreshes_do_not_grow_the_timer_heap(material: CertificateMaterial) -> None:
+    clock = FakeClock()
+    source = MemorySource()
+    targets = urls(20)
+    for url in targets:
+        source.set(url, material)
+    sync = CertSync(targets, store=MemoryStore(), source=source, clock=clock, rate_limit=1e6)
+    async with sync:
+        await sync.wait_ready()
+        for _ in range(100):
+            await sync.sync_once()
+        assert len(sync._heap) <= 2 * len(targets) + 65
+
+
+async def test_failures_keep_no_traceback_with_secret_locals(material: CertificateMaterial) -> None:
+    source = MemorySource()
+    url = urls(1)[0]
+    source.set(url, "-----BEGIN CERTIFICATE-----\nTOPSECRETVALUE\n-----END CERTIFICATE-----\n")
+    sync = CertSync([url], store=MemoryStore(), source=source)
+    failures = collect(sync, SyncFailed)
+    await sync.sync_once()
+    error = failures[0].error
+    assert isinstance(error, MaterialError)
+    assert error.__traceback__ is None and error.__context__ is None
+    assert "TOPSECRET" not in repr(failures[0])
+
+
+async def test_expiry_is_reported_while_renewal_fails(ca: TestAuthority) -> None:
+    clock = FakeClock(wall=datetime.now(UTC))
+    source = MemorySource()
+    url = urls(1)[0]
+    source.set(url, ca.issue(["e.example"], not_after=clock.utcnow() + timedelta(days=30)))
+    sync = CertSync(
+        [url], store=MemoryStore(), source=source, clock=clock, expiry_warning=timedelta(days=14)
+    )
+    warnings = collect(sync, CertificateExpiring)
+    await sync.sync_once()
+    assert not warnings
+    source.fail(TransientSourceError("vault down"), uri=url, times=1000)
+    await clock.advance(20 * 86400)
+    await sync.sync_once()
+    assert len(warnings) == 1
+
+
+async def test_replacing_a_running_url_never_polls_it_twice_at_once(
+    material: CertificateMaterial,
+) -> None:
+    source = MemorySource(latency=0.2)
+    url = urls(1)[0]
+    source.set(url, material)
+    store = MemoryStore()
+    sync = CertSync([url], store=store, source=source)
+    updates = collect(sync, CertificateUpdated)
+    async with sync:
+        await settle(lambda: source.in_flight == 1)
+        sync.update_observed([ObservedCertificate.of(url, store_name="Root")])
+        await settle(lambda: source.calls >= 2 and source.in_flight == 0)
+    assert source.max_in_flight == 1
+    assert store.installs == 1 and len(updates) == 1
+
+
+async def test_throttling_does_not_use_up_initial_attempts(material: CertificateMaterial) -> None:
+    clock = FakeClock()
+    source = MemorySource()
+    url = urls(1)[0]
+    source.set(url, material)
+    source.fail(Throttled("429", retry_after=1), uri=url, times=5)
+    sync = CertSync([url], store=MemoryStore(), source=source, clock=clock, initial_sync_attempts=2)
+    ready = collect(sync, InitialSyncCompleted)
+    async with sync:
+        await drive(clock, lambda: bool(ready), step=0.5)
+        await sync.wait_ready()  # does not raise: five 429s are not five failed attempts
+
+
+def test_rate_burst_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="rate_burst"):
+        CertSync(urls(1), store=MemoryStore(), source=MemorySource(), rate_burst=0.5)
+
+
+async def test_fake_clock_forgets_cancelled_sleepers() -> None:
+    clock = FakeClock()
+    with anyio.move_on_after(0.01):
+        await clock.sleep_until(100)
+    assert clock.next_deadline is None
