@@ -1,1 +1,33 @@
 """Credentials from the extension's authenticationSettings (managed identity, msiEndpoint)."""
+
+from kvcertsync.auth.factory import (
+    ARC_API_VERSION,
+    CredentialCache,
+    credential_from_settings,
+    is_arc_endpoint,
+    is_standard_imds,
+)
+from kvcertsync.auth.imds import (
+    DEFAULT_API_VERSION,
+    DEFAULT_RESOURCE,
+    ImdsAuthenticationError,
+    ImdsCredential,
+    ImdsRetry,
+    arc_key_directory,
+    token_url,
+)
+
+__all__ = [
+    "ARC_API_VERSION",
+    "DEFAULT_API_VERSION",
+    "DEFAULT_RESOURCE",
+    "CredentialCache",
+    "ImdsAuthenticationError",
+    "ImdsCredential",
+    "ImdsRetry",
+    "arc_key_directory",
+    "credential_from_settings",
+    "is_arc_endpoint",
+    "is_standard_imds",
+    "token_url",
+]

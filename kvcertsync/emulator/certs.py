@@ -80,7 +80,23 @@ def _build(
         )
     if dns_names:
         builder = builder.add_extension(_san(dns_names), critical=False)
-    if not ca:
+    if ca:
+        # OpenSSL's strict mode (Python 3.13's default contexts) rejects a CA without keyUsage.
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    else:
         builder = builder.add_extension(
             x509.ExtendedKeyUsage(
                 [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]

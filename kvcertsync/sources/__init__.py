@@ -9,11 +9,13 @@ from kvcertsync.errors import (
     TransientSourceError,
 )
 from kvcertsync.sources.base import SecretSource, SecretVersion
+from kvcertsync.sources.keyvault import KeyVaultSource
 from kvcertsync.sources.memory import MemorySource
 
 __all__ = [
     "AccessDenied",
     "AuthenticationFailed",
+    "KeyVaultSource",
     "MemorySource",
     "SecretNotFound",
     "SecretSource",

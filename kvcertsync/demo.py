@@ -1,0 +1,117 @@
+"""The demo: a local Key Vault, the extension's own settings, and the sync engine at work."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+import anyio
+from azure.keyvault.secrets._shared import http_challenge_cache
+
+from kvcertsync.emulator import LocalKeyVault
+from kvcertsync.engine import CertSync
+from kvcertsync.events import CertificateUpdated, Event, SyncFailed
+from kvcertsync.settings import parse_settings
+from kvcertsync.sources.keyvault import KeyVaultSource
+from kvcertsync.stores.base import Store
+from kvcertsync.stores.memory import MemoryStore
+
+__all__ = ["run_demo"]
+
+VAULT = "demo"
+POLLING_INTERVAL = 2
+
+
+def _printer(stream: TextIO) -> Callable[[str], None]:
+    started = time.monotonic()
+
+    def say(line: str) -> None:
+        print(f"[{time.monotonic() - started:6.2f}s] {line}", file=stream, flush=True)
+
+    return say
+
+
+async def run_demo(
+    directory: Path,
+    *,
+    forever: bool = False,
+    stream: TextIO = sys.stdout,
+    store: Store | None = None,
+) -> int:
+    """Run the demo with certificates going to ``directory`` (absolute); returns the exit status."""
+    say = _printer(stream)
+    http_challenge_cache.clear()
+    async with LocalKeyVault() as kv:
+        say(f"local Key Vault on https://127.0.0.1:{kv.port}, IMDS on {kv.imds_endpoint}")
+        say(f"every https://*.vault.azure.net connection goes there; its CA: {kv.ca_file}")
+        web = kv.authority.issue(["www.contoso.example", "contoso.example"], key="rsa")
+        api = kv.authority.issue(["api.contoso.example"], key="ec")
+        say(f"vault: web as PKCS#12, version {kv.import_certificate(VAULT, 'web', web)}")
+        version = kv.import_certificate(VAULT, "api", api, content_type="application/x-pem-file")
+        say(f"vault: api as PEM, version {version}")
+
+        location = str(directory)
+        document = {
+            "secretsManagementSettings": {
+                "pollingIntervalInS": str(POLLING_INTERVAL),
+                "requireInitialSync": True,
+                "observedCertificates": [
+                    {
+                        "url": f"https://{VAULT}.vault.azure.net/secrets/web",
+                        "certificateStoreLocation": location,
+                    },
+                    {
+                        "url": f"https://{VAULT}.vault.azure.net/secrets/api",
+                        "certificateStoreLocation": location,
+                    },
+                ],
+            },
+            "authenticationSettings": {"msiEndpoint": kv.imds_endpoint},
+        }
+        settings = parse_settings(document)
+        say("extension settings:")
+        for line in json.dumps(document, indent=2).splitlines():
+            print(f"           {line}", file=stream)
+
+        source = KeyVaultSource.from_settings(settings, ca_file=kv.ca_file, redirect=kv.redirect)
+        target = store if store is not None else MemoryStore()
+        sync = CertSync.from_settings(settings, store=target, source=source)
+        updated = anyio.Event()
+        failures: list[SyncFailed] = []
+        updates: list[CertificateUpdated] = []
+
+        async def show(event: Event) -> None:
+            say(f"event: {event.describe()}")
+            if isinstance(event, CertificateUpdated):
+                updates.append(event)
+                if event.uri.name == "web" and event.previous_version is not None:
+                    updated.set()
+            elif isinstance(event, SyncFailed):
+                failures.append(event)
+
+        sync.subscribe(show)
+        async with sync:
+            with anyio.fail_after(15):
+                await sync.wait_ready()
+            say("initial sync done; rotating web in the vault")
+            say(f"vault: web rotated, version {kv.rotate(VAULT, 'web')}")
+            with anyio.fail_after(15):
+                await updated.wait()
+            if forever:
+                say(
+                    "running until Ctrl-C; rotate from another shell with: curl --cacert "
+                    f"{kv.ca_file} -X POST https://localhost:{kv.port}/_emulator/rotate/{VAULT}/web"
+                )
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        break
+        say(
+            f"summary: {len(sync.observed)} certificates kept current, {len(updates)} updates, "
+            f"{len(failures)} failures, {kv.request_counts.get(VAULT, 0)} vault requests"
+        )
+    return 0 if not failures else 1

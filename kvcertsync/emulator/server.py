@@ -1,0 +1,1063 @@
+"""LocalKeyVault: Azure Key Vault's secrets API over HTTPS plus an IMDS token endpoint, locally."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import json
+import logging
+import math
+import os
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote
+
+import attrs
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from kvcertsync.emulator._json import json_object
+from kvcertsync.emulator.admin import AdminApi
+from kvcertsync.emulator.certs import KeyKind, TestAuthority
+from kvcertsync.emulator.store import (
+    StoredSecret,
+    VaultError,
+    VaultStore,
+    bad_parameter,
+    deleted_bundle,
+    deleted_item,
+    secret_bundle,
+    secret_item,
+)
+from kvcertsync.emulator.tls import ServerTLS
+from kvcertsync.material import PEM_CONTENT_TYPE, PKCS12_CONTENT_TYPE, CertificateMaterial
+
+__all__ = ["DEFAULT_TENANT_ID", "LOCAL_VAULT", "LocalKeyVault", "RequestRecord"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TENANT_ID = "7b5c2e9a-0d3f-4c61-9e8a-6f1d2b3c4a50"
+LOCAL_VAULT = "localhost"
+IMDS_TOKEN_PATH = "/metadata/identity/oauth2/token"  # noqa: S105 (a URL path)
+THROTTLED_MESSAGE = (
+    "Request was not processed because too many requests were received. "
+    "Reason: VaultRequestTypeLimitReached"
+)
+
+_LOOPBACK = frozenset({"localhost", "127.0.0.1"})
+_PAGE_SIZE = 25
+_SHUTDOWN_TIMEOUT = 1.0
+_CERT_TYPES = (PKCS12_CONTENT_TYPE, PEM_CONTENT_TYPE)
+_SERVICE_ERRORS = {
+    500: ("InternalServerError", "The server encountered an internal error. Please retry."),
+    502: ("BadGateway", "The server received an invalid response from an upstream server."),
+    503: ("ServiceUnavailable", "The service is temporarily unavailable. Please retry."),
+    504: ("GatewayTimeout", "The server did not respond in time. Please retry."),
+    403: ("Forbidden", "The user, group or application does not have secrets get permission."),
+    401: ("Unauthorized", "AKV10000: Request is missing a Bearer or PoP token."),
+    404: ("SecretNotFound", "A secret with (name/id) was not found in this key vault."),
+    429: ("Throttled", THROTTLED_MESSAGE),
+}
+_IMDS_ERRORS = {
+    400: ("invalid_request", "Bad request"),
+    404: ("not_found", "The IMDS endpoint is updating; retry later"),
+    410: ("gone", "The IMDS endpoint is restarting; retry later"),
+    429: ("too_many_requests", "Too many requests to the IMDS endpoint"),
+    500: ("unknown_error", "An unexpected error occurred in the IMDS endpoint"),
+}
+
+Timestamp = datetime | float | int
+
+
+@attrs.frozen
+class RequestRecord:
+    """One secrets API request, without bodies or values; ``status`` None: connection dropped."""
+
+    method: str
+    vault: str
+    path: str
+    status: int | None
+    fault: str | None = None
+    time: float = attrs.field(factory=time.time, eq=False)
+
+
+@attrs.frozen
+class _Grant:
+    resource: str
+    client_id: str
+    expires_on: float
+
+
+@attrs.frozen
+class _Throttle:
+    limit: int
+    window: float
+    retry_after: bool | float
+
+
+@attrs.define
+class _Countdown:
+    remaining: int | None  # None: until reset_faults()
+    status: int = 0
+    code: str | None = None
+    inner_code: str | None = None
+    message: str | None = None
+
+    def take(self) -> bool:
+        if self.remaining is None:
+            return True
+        if self.remaining <= 0:
+            return False
+        self.remaining -= 1
+        return True
+
+
+def _epoch(value: Timestamp | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return int(value.timestamp())
+    return int(value)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _norm_resource(resource: str) -> str:
+    resource = resource.strip().lower().rstrip("/")
+    return resource.removesuffix("/.default").rstrip("/")
+
+
+def _host_parts(request: web.BaseRequest) -> tuple[str, str, str]:
+    """(host name, base URL for ids, base URL for nextLink) from the Host the client used."""
+    host = (request.host or "").strip().lower()
+    name, sep, port = host.rpartition(":")
+    if not sep or "]" in port:
+        name, port = host, ""
+    if port == "443":
+        host, port = name, ""
+    # Key Vault's nextLinks name the port even when it is the default one.
+    next_host = host if port else f"{host}:443"
+    return name, f"https://{host}", f"https://{next_host}"
+
+
+def _challenge_resource(hostname: str) -> str:
+    """The resource a vault host's challenge names: the vault domain of that cloud."""
+    _, dot, domain = hostname.partition(".")
+    if dot and domain.startswith("vault."):
+        return f"https://{domain}"
+    return "https://vault.azure.net"
+
+
+def _json_response(
+    status: int, body: Any, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    response = web.Response(
+        status=status,
+        body=json.dumps(body, separators=(",", ":")).encode("utf-8"),
+        content_type="application/json",
+        charset="utf-8",
+    )
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["x-ms-request-id"] = str(uuid.uuid4())
+    response.headers["x-ms-keyvault-service-version"] = "1.9.0.0"
+    response.headers["x-ms-keyvault-region"] = "local"
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+def _error_response(error: VaultError, headers: Mapping[str, str] | None = None) -> web.Response:
+    return _json_response(error.status, error.body(), headers)
+
+
+def _encode_skiptoken(offset: int) -> str:
+    raw = json.dumps({"NextMarker": str(offset), "TargetLocation": 0}).encode("utf-8")
+    return base64.b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _decode_skiptoken(token: str) -> int:
+    try:
+        raw = base64.b64decode(token + "=" * (-len(token) % 4), validate=True)
+        offset = int(json.loads(raw)["NextMarker"])
+    except (binascii.Error, ValueError, KeyError, TypeError):
+        raise bad_parameter("The $skiptoken is not valid.") from None
+    if offset < 0:
+        raise bad_parameter("The $skiptoken is not valid.")
+    return offset
+
+
+def _opt(body: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    value = body.get(key)
+    # bool is an int: an "enabled" of 1 or a "nbf" of true are both malformed.
+    if value is not None and (
+        not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+    ):
+        raise bad_parameter(f"The property '{key}' must be {what}.")
+    return value
+
+
+def _tags(body: Mapping[str, Any]) -> dict[str, str] | None:
+    tags = body.get("tags")
+    if tags is None:
+        return None
+    if not isinstance(tags, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in tags.items()
+    ):
+        raise bad_parameter("The property 'tags' must map strings to strings.")
+    return dict(tags)
+
+
+def _encode_certificate(
+    certificate: CertificateMaterial | bytes | str, content_type: str
+) -> tuple[CertificateMaterial, str]:
+    """The secret value Key Vault would hold for a certificate, and the parsed certificate."""
+    if content_type not in _CERT_TYPES:
+        raise ValueError(f"content_type must be {PKCS12_CONTENT_TYPE} or {PEM_CONTENT_TYPE}")
+    if isinstance(certificate, CertificateMaterial):
+        if content_type == PKCS12_CONTENT_TYPE:
+            value = base64.b64encode(certificate.to_pkcs12()).decode("ascii")
+        else:
+            # Key Vault's own PEM export puts the key first, then the leaf and its chain.
+            value = (certificate.key_pem() + certificate.fullchain_pem()).decode("ascii")
+        return certificate, value
+    if isinstance(certificate, bytes):
+        if b"-----BEGIN" in certificate:
+            value = certificate.decode("ascii")
+        else:
+            value = base64.b64encode(certificate).decode("ascii")
+    else:
+        value = certificate
+    return CertificateMaterial.from_secret(value, content_type), value
+
+
+def _convert(value: str, content_type: str | None, out: str) -> str:
+    """A certificate-backed secret's value in another format (the outContentType parameter)."""
+    material = CertificateMaterial.from_secret(value, content_type)
+    return _encode_certificate(material, out)[1]
+
+
+class LocalKeyVault:
+    """A local Azure Key Vault (secrets API over HTTPS) and IMDS token endpoint, for tests.
+
+    ``async with LocalKeyVault() as kv:`` serves every ``<name>.vault.azure.net`` host (vault chosen
+    by the Host header; ``localhost``/``127.0.0.1`` is the vault named ``localhost``) on
+    ``127.0.0.1:kv.port``, and managed-identity tokens on ``http://127.0.0.1:kv.imds_port``.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int = 0,
+        imds_port: int = 0,
+        require_auth: bool = True,
+        token_lifetime: float = 3600,
+        client_ids: Iterable[str] | None = None,
+        tenant_id: str = DEFAULT_TENANT_ID,
+        authority: TestAuthority | None = None,
+        state_dir: str | os.PathLike[str] | None = None,
+        enforce_validity: bool = False,
+        request_log_size: int = 10_000,
+    ) -> None:
+        self._want_port = port
+        self._want_imds_port = imds_port
+        self.require_auth = require_auth
+        self.token_lifetime = token_lifetime
+        self.client_ids = None if client_ids is None else {c.lower() for c in client_ids}
+        self.tenant_id = tenant_id
+        self.enforce_validity = enforce_validity
+        self._authority = authority
+        self._state_dir = state_dir
+        self.system_client_id = str(uuid.uuid4())
+        self._store = VaultStore()
+        self._lock = threading.Lock()
+        self._tokens: dict[str, _Grant] = {}
+        self._request_counts: collections.Counter[str] = collections.Counter()
+        self._requests: collections.deque[RequestRecord] = collections.deque(
+            maxlen=request_log_size
+        )
+        self._imds_requests = 0
+        self._throttles: dict[str | None, _Throttle] = {}
+        self._windows: dict[str, collections.deque[float]] = {}
+        self._failures: dict[str | None, _Countdown] = {}
+        self._drops: dict[str | None, _Countdown] = {}
+        self._latency: dict[str | None, float] = {}
+        self._imds_failure: _Countdown | None = None
+        self._tls: ServerTLS | None = None
+        self._runners: list[web.AppRunner] = []
+        self._port: int | None = None
+        self._imds_port: int | None = None
+        self._closing = asyncio.Event()
+        self._admin = AdminApi(self)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> LocalKeyVault:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Create the CA and server certificate, then listen on 127.0.0.1 (HTTPS and IMDS)."""
+        if self._runners:
+            raise RuntimeError("LocalKeyVault is already running")
+        self._closing = asyncio.Event()
+        if self._authority is None:
+            self._authority = TestAuthority("kvcertsync emulator")
+        try:
+            self._tls = ServerTLS(self._authority, self._state_dir)
+            self._port = await self._serve(
+                self._dispatch, self._want_port, self._tls.server_context
+            )
+            self._imds_port = await self._serve(self._imds, self._want_imds_port, None)
+        except BaseException:
+            await self.aclose()
+            raise
+        logger.info(
+            "Key Vault emulator on https://127.0.0.1:%d, IMDS on http://127.0.0.1:%d",
+            self._port,
+            self._imds_port,
+        )
+
+    async def _serve(
+        self,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+    ) -> int:
+        app = web.Application()
+        # One catch-all route: vault, auth and faults come before any path matching.
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT)
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl_context)
+        await site.start()
+        bound: int = runner.addresses[0][1]
+        return bound
+
+    async def aclose(self) -> None:
+        """Stop serving, close every connection (keep-alive ones too) and remove temporary files."""
+        self._closing.set()
+        runners, self._runners = self._runners, []
+        try:
+            for runner in reversed(runners):
+                await runner.cleanup()
+        finally:
+            self._port = self._imds_port = None
+            if self._tls is not None:
+                self._tls.close()
+                self._tls = None
+
+    # ------------------------------------------------------------------ addresses
+
+    @property
+    def port(self) -> int:
+        """The HTTPS port of the secrets API."""
+        if self._port is None:
+            raise RuntimeError("LocalKeyVault is not running")
+        return self._port
+
+    @property
+    def imds_port(self) -> int:
+        """The plain-HTTP port of the IMDS endpoint."""
+        if self._imds_port is None:
+            raise RuntimeError("LocalKeyVault is not running")
+        return self._imds_port
+
+    @property
+    def imds_authority(self) -> str:
+        """The value for ``AZURE_POD_IDENTITY_AUTHORITY_HOST`` (azure-identity and MSAL)."""
+        return f"http://127.0.0.1:{self.imds_port}"
+
+    @property
+    def imds_endpoint(self) -> str:
+        """The extension's ``msiEndpoint`` form: append ``/oauth2/token`` for the token URL."""
+        return f"{self.imds_authority}/metadata/identity"
+
+    @property
+    def imds_token_url(self) -> str:
+        """The full IMDS token URL."""
+        return f"{self.imds_authority}{IMDS_TOKEN_PATH}"
+
+    @property
+    def local_url(self) -> str:
+        """``https://localhost:<port>``: the vault named ``localhost``, no redirect needed."""
+        return f"https://localhost:{self.port}"
+
+    @staticmethod
+    def vault_url(vault: str) -> str:
+        """The real-looking URL of a vault; clients reach it through a redirecting resolver."""
+        return f"https://{vault.lower()}.vault.azure.net"
+
+    @property
+    def redirect(self) -> dict[str, str]:
+        """The host pattern and target a redirecting resolver needs."""
+        return {"*.vault.azure.net": f"127.0.0.1:{self.port}"}
+
+    @property
+    def ca_file(self) -> str:
+        """Path of the CA certificate (PEM) that issued the server certificate."""
+        if self._tls is None:
+            raise RuntimeError("LocalKeyVault is not running")
+        return self._tls.ca_file
+
+    @property
+    def ca_pem(self) -> bytes:
+        """The CA certificate as PEM bytes."""
+        if self._tls is None:
+            raise RuntimeError("LocalKeyVault is not running")
+        return self._tls.ca_pem
+
+    def client_ssl_context(self) -> ssl.SSLContext:
+        """A new ``ssl.SSLContext`` trusting the emulator's CA, with verification on."""
+        if self._tls is None:
+            raise RuntimeError("LocalKeyVault is not running")
+        return self._tls.client_context()
+
+    @property
+    def authority(self) -> TestAuthority:
+        """The TestAuthority behind the server certificate and rotate(): a known root."""
+        if self._authority is None:
+            self._authority = TestAuthority("kvcertsync emulator")
+        return self._authority
+
+    # ------------------------------------------------------------------ statistics
+
+    @property
+    def request_counts(self) -> dict[str, int]:
+        """Secrets API requests per vault, 401 challenges and injected faults included."""
+        with self._lock:
+            return dict(self._request_counts)
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        """The most recent secrets API requests, oldest first (no bodies, no values)."""
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def imds_requests(self) -> int:
+        """Requests the IMDS endpoint received, failed ones included."""
+        with self._lock:
+            return self._imds_requests
+
+    # ------------------------------------------------------------------ secrets
+
+    def set_secret(
+        self,
+        vault: str,
+        name: str,
+        value: str,
+        content_type: str | None = None,
+        *,
+        enabled: bool = True,
+        not_before: Timestamp | None = None,
+        expires: Timestamp | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> str:
+        """Add a version of a secret (creating vault and secret as needed); returns the version."""
+        _, record = self._store.set(
+            vault.lower(),
+            name,
+            value,
+            content_type,
+            enabled=enabled,
+            not_before=_epoch(not_before),
+            expires=_epoch(expires),
+            tags=tags,
+        )
+        return record.version
+
+    def import_certificate(
+        self,
+        vault: str,
+        name: str,
+        certificate: CertificateMaterial | bytes | str,
+        content_type: str = PKCS12_CONTENT_TYPE,
+        *,
+        enabled: bool = True,
+        tags: Mapping[str, str] | None = None,
+    ) -> str:
+        """Store a certificate as a certificate-backed secret (``kid``, ``managed``, nbf/exp set).
+
+        CertificateMaterial is encoded per ``content_type`` (base64 PFX or PEM); bytes are DER PFX
+        (base64-encoded here) or PEM text; a str is stored as given. Returns the version.
+        """
+        material, value = _encode_certificate(certificate, content_type)
+        _, record = self._store.set(
+            vault.lower(),
+            name,
+            value,
+            content_type,
+            enabled=enabled,
+            not_before=_epoch(material.not_before),
+            expires=_epoch(material.not_after),
+            tags=tags,
+            managed=True,
+        )
+        return record.version
+
+    def rotate(
+        self,
+        vault: str,
+        name: str,
+        material: CertificateMaterial | bytes | str | None = None,
+        *,
+        content_type: str | None = None,
+        enabled: bool = True,
+        tags: Mapping[str, str] | None = None,
+    ) -> str:
+        """A new certificate version; without ``material``, a fresh leaf like the current one.
+
+        The fresh leaf has the current one's DNS names, key type and validity length and is
+        issued by ``authority``; content type and tags default to the current version's.
+        """
+        _, current = self._store.get(vault.lower(), name)
+        kind = content_type or current.content_type or PKCS12_CONTENT_TYPE
+        if material is None:
+            old = CertificateMaterial.from_secret(current.value, current.content_type)
+            names = old.dns_names or ((old.common_name,) if old.common_name else ())
+            key: KeyKind = "rsa" if isinstance(old.private_key, rsa.RSAPrivateKey) else "ec"
+            days = max((old.not_after - old.not_before).total_seconds() / 86400, 1.0)
+            material = self.authority.issue(names, key=key, days=days)
+        return self.import_certificate(
+            vault,
+            name,
+            material,
+            kind,
+            enabled=enabled,
+            tags=tags if tags is not None else current.tags,
+        )
+
+    def secret(self, vault: str, name: str, version: str | None = None) -> StoredSecret:
+        """One version of a live secret (latest by default), disabled ones included."""
+        secret, record = self._store.get(vault.lower(), name, version)
+        return self._store.snapshot(vault.lower(), secret, record)
+
+    def vaults(self) -> dict[str, dict[str, list[str]]]:
+        """Every vault's live secrets and their versions (oldest first); no values."""
+        return self._store.overview()
+
+    def versions(self, vault: str, name: str) -> list[str]:
+        """A live secret's versions, oldest first (the last one is the latest)."""
+        _, records = self._store.list_versions(vault.lower(), name)
+        return [record.version for record in records]
+
+    def disable(self, vault: str, name: str, version: str | None = None) -> None:
+        """Disable a version (the latest by default): GET then answers 403 SecretDisabled."""
+        self._store.update(vault.lower(), name, version, enabled=False)
+
+    def enable(self, vault: str, name: str, version: str | None = None) -> None:
+        """Enable a version (the latest by default)."""
+        self._store.update(vault.lower(), name, version, enabled=True)
+
+    def delete(self, vault: str, name: str) -> None:
+        """Soft-delete a secret, as DELETE /secrets/{name} does."""
+        self._store.delete(vault.lower(), name)
+
+    def purge(self, vault: str, name: str) -> None:
+        """Remove a soft-deleted secret for good, so its name can be used again."""
+        self._store.purge(vault.lower(), name)
+
+    # ------------------------------------------------------------------ faults
+
+    def throttle(
+        self,
+        vault: str | None = None,
+        *,
+        limit: int,
+        window: float = 10.0,
+        retry_after: bool | float = True,
+    ) -> None:
+        """Answer 429 Throttled once a vault gets more than ``limit`` requests in ``window`` s.
+
+        Counted per vault (``vault=None``: the rule applies to every vault). ``retry_after``:
+        True sends Retry-After with the seconds until the window frees a slot, a number sends
+        that many seconds, False sends none (the service does both).
+        """
+        if limit < 0 or window <= 0:
+            raise ValueError("limit must be >= 0 and window > 0")
+        key = vault.lower() if vault else None
+        with self._lock:
+            self._throttles[key] = _Throttle(limit, window, retry_after)
+            self._windows.clear()
+
+    def fail(
+        self,
+        vault: str | None = None,
+        status: int = 503,
+        times: int | None = 1,
+        *,
+        code: str | None = None,
+        inner_code: str | None = None,
+        message: str | None = None,
+    ) -> None:
+        """Answer the next ``times`` requests (None: all, until reset) with ``status``.
+
+        The body is service-like (``ServiceUnavailable`` for 503...); ``code``, ``inner_code``
+        and ``message`` override it, e.g. ``fail(status=403, inner_code="ForbiddenByRbac")``.
+        """
+        if not 400 <= status <= 599:
+            raise ValueError("status must be an HTTP error status (400-599)")
+        key = vault.lower() if vault else None
+        with self._lock:
+            self._failures[key] = _Countdown(times, status, code, inner_code, message)
+
+    def latency(self, seconds: float, vault: str | None = None) -> None:
+        """Delay every secrets API answer by ``seconds`` (0 removes the delay)."""
+        key = vault.lower() if vault else None
+        with self._lock:
+            if seconds > 0:
+                self._latency[key] = seconds
+            else:
+                self._latency.pop(key, None)
+
+    def drop_connections(self, times: int | None = 1, vault: str | None = None) -> None:
+        """Close the connection of the next ``times`` requests without answering.
+
+        aiohttp clients resend an idempotent request once when a reused connection drops, so
+        use ``times=2`` to make a single GET through aiohttp fail.
+        """
+        key = vault.lower() if vault else None
+        with self._lock:
+            self._drops[key] = _Countdown(times)
+
+    def fail_imds(self, status: int, times: int | None = 1) -> None:
+        """Answer the next ``times`` IMDS requests with ``status`` (404, 410, 429, 500...)."""
+        if not 400 <= status <= 599:
+            raise ValueError("status must be an HTTP error status (400-599)")
+        with self._lock:
+            self._imds_failure = _Countdown(times, status)
+
+    def reset_faults(self) -> None:
+        """Remove every throttle, failure, latency and drop rule."""
+        with self._lock:
+            self._throttles.clear()
+            self._windows.clear()
+            self._failures.clear()
+            self._drops.clear()
+            self._latency.clear()
+            self._imds_failure = None
+
+    def faults(self) -> dict[str, Any]:
+        """The active fault rules, as JSON-ready data."""
+
+        def name(key: str | None) -> str:
+            return key or "*"
+
+        with self._lock:
+            return {
+                "throttle": {
+                    name(k): {"limit": t.limit, "window": t.window, "retryAfter": t.retry_after}
+                    for k, t in self._throttles.items()
+                },
+                "fail": {
+                    name(k): {"status": c.status, "remaining": c.remaining}
+                    for k, c in self._failures.items()
+                },
+                "drop": {name(k): {"remaining": c.remaining} for k, c in self._drops.items()},
+                "latency": {name(k): v for k, v in self._latency.items()},
+                "imds": (
+                    {"status": self._imds_failure.status, "remaining": self._imds_failure.remaining}
+                    if self._imds_failure
+                    else None
+                ),
+            }
+
+    # ------------------------------------------------------------------ HTTPS: dispatch
+
+    async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+        hostname, base, next_base = _host_parts(request)
+        if hostname in _LOOPBACK and request.path.startswith("/_emulator/"):
+            return await self._admin.handle(request)
+        vault = LOCAL_VAULT if hostname in _LOOPBACK else hostname.split(".", 1)[0]
+        with self._lock:
+            self._request_counts[vault] += 1
+            delay = self._latency.get(vault, self._latency.get(None, 0.0))
+        fault: str | None = None
+        if delay:
+            fault = "latency"
+            try:
+                await asyncio.wait_for(self._closing.wait(), delay)
+            except TimeoutError:
+                pass
+            else:
+                return self._drop(request, vault, "shutdown")
+        if self._take(self._drops, vault) is not None:
+            return self._drop(request, vault, "dropped")
+        response = self._injected_failure(vault)
+        if response is not None:
+            fault = "fail"
+        else:
+            response = self._throttled(vault)
+            if response is not None:
+                fault = "throttled"
+        if response is None and self.require_auth:
+            response = self._authenticate(request, hostname)
+        if response is None:
+            try:
+                response = await self._route(request, vault, base, next_base)
+            except VaultError as error:
+                response = _error_response(error)
+        self._log(RequestRecord(request.method, vault, request.path, response.status, fault))
+        return response
+
+    def _log(self, record: RequestRecord) -> None:
+        with self._lock:
+            self._requests.append(record)
+        logger.debug(
+            "%s %s %s -> %s%s",
+            record.vault,
+            record.method,
+            record.path,
+            record.status if record.status is not None else "dropped",
+            f" ({record.fault})" if record.fault else "",
+        )
+
+    def _take(self, rules: dict[str | None, _Countdown], vault: str) -> _Countdown | None:
+        with self._lock:
+            for key in (vault, None):
+                rule = rules.get(key)
+                if rule is not None and rule.take():
+                    return rule
+        return None
+
+    def _drop(self, request: web.BaseRequest, vault: str, why: str) -> web.Response:
+        transport = request.transport
+        if transport is not None:
+            # abort(), not close(): no TLS close_notify, so the client sees the connection die
+            # mid-request, as with a reset or a crashed front end.
+            transport.abort()
+        self._log(RequestRecord(request.method, vault, request.path, None, why))
+        # aiohttp cannot write this to the aborted transport; the client never sees it.
+        return web.Response(status=503)
+
+    def _injected_failure(self, vault: str) -> web.Response | None:
+        rule = self._take(self._failures, vault)
+        if rule is None:
+            return None
+        code, message = _SERVICE_ERRORS.get(rule.status, ("ServiceError", "Injected failure."))
+        error = VaultError(rule.status, rule.code or code, rule.message or message, rule.inner_code)
+        return _error_response(error)
+
+    def _throttled(self, vault: str) -> web.Response | None:
+        with self._lock:
+            rule = self._throttles.get(vault) or self._throttles.get(None)
+            if rule is None:
+                return None
+            now = time.monotonic()
+            window = self._windows.setdefault(vault, collections.deque())
+            while window and window[0] <= now - rule.window:
+                window.popleft()
+            if len(window) < rule.limit:
+                window.append(now)
+                return None
+            headers: dict[str, str] = {}
+            if rule.retry_after is True:
+                wait = window[0] + rule.window - now if window else rule.window
+                headers["Retry-After"] = str(max(1, math.ceil(wait)))
+            elif rule.retry_after is not False:
+                headers["Retry-After"] = str(max(0, math.ceil(rule.retry_after)))
+        return _error_response(VaultError(429, "Throttled", THROTTLED_MESSAGE), headers)
+
+    def _authenticate(self, request: web.BaseRequest, hostname: str) -> web.Response | None:
+        resource = _challenge_resource(hostname)
+        scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return self._challenge(resource, "AKV10000: Request is missing a Bearer or PoP token.")
+        with self._lock:
+            grant = self._tokens.get(token)
+        if grant is None:
+            return self._challenge(
+                resource, "The bearer token was not issued by this emulator's IMDS endpoint."
+            )
+        if grant.expires_on <= time.time():
+            return self._challenge(resource, "The access token has expired.")
+        if _norm_resource(grant.resource) != _norm_resource(resource):
+            return self._challenge(
+                resource, f"Invalid audience: the token is for {grant.resource}, not {resource}."
+            )
+        return None
+
+    def _challenge(self, resource: str, message: str) -> web.Response:
+        header = (
+            f'Bearer authorization="https://login.microsoftonline.com/{self.tenant_id}", '
+            f'resource="{resource}"'
+        )
+        return _error_response(
+            VaultError(401, "Unauthorized", message), {"WWW-Authenticate": header}
+        )
+
+    # ------------------------------------------------------------------ HTTPS: REST API
+
+    async def _route(
+        self, request: web.BaseRequest, vault: str, base: str, next_base: str
+    ) -> web.Response:
+        if "api-version" not in request.query:
+            raise bad_parameter("The api-version query parameter is missing.")
+        parts = request.path.split("/")[1:]
+        method = request.method
+        collection = parts[0] if parts else ""
+        if collection == "secrets":
+            if len(parts) == 1 or (len(parts) == 2 and parts[1] == ""):
+                if method == "GET":
+                    items = [
+                        secret_item(base, s, s.current(), versioned=False)
+                        for s in self._store.list_secrets(vault)
+                    ]
+                    return self._page(request, items, next_base)
+            elif len(parts) == 2:
+                name = parts[1]
+                if method == "GET":
+                    return self._get(request, vault, base, name, None)
+                if method == "PUT":
+                    return await self._put(request, vault, base, name)
+                if method == "PATCH":
+                    return await self._patch(request, vault, base, name, None)
+                if method == "DELETE":
+                    return _json_response(
+                        200, deleted_bundle(base, self._store.delete(vault, name))
+                    )
+            elif len(parts) == 3:
+                name, version = parts[1], parts[2]
+                if version == "versions" and method == "GET":
+                    secret, records = self._store.list_versions(vault, name)
+                    items = [secret_item(base, secret, r, versioned=True) for r in records]
+                    return self._page(request, items, next_base)
+                if method == "GET":
+                    return self._get(request, vault, base, name, version)
+                if method == "PATCH":
+                    return await self._patch(request, vault, base, name, version)
+        elif collection == "deletedsecrets":
+            if len(parts) == 1 or (len(parts) == 2 and parts[1] == ""):
+                if method == "GET":
+                    items = [
+                        deleted_item(base, s) for s in self._store.list_secrets(vault, deleted=True)
+                    ]
+                    return self._page(request, items, next_base)
+            elif len(parts) == 2:
+                if method == "GET":
+                    return _json_response(
+                        200, deleted_bundle(base, self._store.get_deleted(vault, parts[1]))
+                    )
+                if method == "DELETE":
+                    self._store.purge(vault, parts[1])
+                    return web.Response(status=204)
+            elif len(parts) == 3 and parts[2] == "recover" and method == "POST":
+                secret = self._store.recover(vault, parts[1])
+                return _json_response(
+                    200, secret_bundle(base, secret, secret.current(), include_value=False)
+                )
+        known = (collection == "secrets" and len(parts) <= 3) or (
+            collection == "deletedsecrets"
+            and (len(parts) <= 2 or (len(parts) == 3 and parts[2] == "recover"))
+        )
+        if known:
+            raise VaultError(
+                405, "MethodNotAllowed", f"The method {method} is not allowed on {request.path}."
+            )
+        raise VaultError(404, "NotFound", f"The path {request.path} does not exist.")
+
+    def _get(
+        self, request: web.BaseRequest, vault: str, base: str, name: str, version: str | None
+    ) -> web.Response:
+        secret, record = self._store.get(vault, name, version)
+        if not record.enabled:
+            raise VaultError(
+                403,
+                "Forbidden",
+                "Operation get is not allowed on a disabled secret.",
+                "SecretDisabled",
+            )
+        if self.enforce_validity:
+            now = time.time()
+            if record.not_before is not None and now < record.not_before:
+                raise VaultError(
+                    403,
+                    "Forbidden",
+                    "Operation get is not allowed on a secret that is not yet valid.",
+                    "SecretNotYetValid",
+                )
+            if record.expires is not None and now >= record.expires:
+                raise VaultError(
+                    403,
+                    "Forbidden",
+                    "Operation get is not allowed on a expired secret.",
+                    "SecretExpired",
+                )
+        body = secret_bundle(base, secret, record)
+        out = request.query.get("outContentType")
+        if out and record.managed and out.lower() != (record.content_type or "").lower():
+            if out.lower() not in _CERT_TYPES:
+                raise bad_parameter(f"The outContentType '{out}' is not supported.")
+            body["value"] = _convert(record.value, record.content_type, out.lower())
+            body["contentType"] = out.lower()
+        return _json_response(200, body)
+
+    async def _put(
+        self, request: web.BaseRequest, vault: str, base: str, name: str
+    ) -> web.Response:
+        body = await self._body(request)
+        value = body.get("value")
+        if not isinstance(value, str):
+            raise bad_parameter("The property 'value' is required and must be a string.")
+        attributes = _opt(body, "attributes", dict, "an object") or {}
+        enabled = _opt(attributes, "enabled", bool, "a boolean")
+        secret, record = self._store.set(
+            vault,
+            name,
+            value,
+            _opt(body, "contentType", str, "a string"),
+            enabled=True if enabled is None else enabled,
+            not_before=_opt(attributes, "nbf", int, "a number of seconds"),
+            expires=_opt(attributes, "exp", int, "a number of seconds"),
+            tags=_tags(body),
+        )
+        return _json_response(200, secret_bundle(base, secret, record))
+
+    async def _patch(
+        self, request: web.BaseRequest, vault: str, base: str, name: str, version: str | None
+    ) -> web.Response:
+        body = await self._body(request)
+        attributes = _opt(body, "attributes", dict, "an object") or {}
+        changes: dict[str, Any] = {}
+        content_type = _opt(body, "contentType", str, "a string")
+        if content_type is not None:
+            changes["content_type"] = content_type
+        for key, field, kind, what in (
+            ("enabled", "enabled", bool, "a boolean"),
+            ("nbf", "not_before", int, "a number of seconds"),
+            ("exp", "expires", int, "a number of seconds"),
+        ):
+            value = _opt(attributes, key, kind, what)
+            if value is not None:
+                changes[field] = value
+        if "tags" in body:
+            changes["tags"] = _tags(body)
+        secret, record = self._store.update(vault, name, version or None, **changes)
+        return _json_response(200, secret_bundle(base, secret, record, include_value=False))
+
+    @staticmethod
+    async def _body(request: web.BaseRequest) -> dict[str, Any]:
+        return await json_object(request, lambda reason: bad_parameter(f"The request {reason}."))
+
+    @staticmethod
+    def _page(
+        request: web.BaseRequest, items: list[dict[str, Any]], next_base: str
+    ) -> web.Response:
+        raw = request.query.get("maxresults")
+        size = _PAGE_SIZE
+        if raw is not None:
+            try:
+                size = int(raw)
+            except ValueError:
+                size = 0
+            if not 1 <= size <= _PAGE_SIZE:
+                raise bad_parameter(f"The value of maxresults must be between 1 and {_PAGE_SIZE}.")
+        token = request.query.get("$skiptoken")
+        offset = _decode_skiptoken(token) if token else 0
+        body: dict[str, Any] = {"value": items[offset : offset + size], "nextLink": None}
+        if offset + size < len(items):
+            query = (
+                f"api-version={quote(request.query['api-version'], safe='')}"
+                f"&$skiptoken={quote(_encode_skiptoken(offset + size), safe='')}"
+            )
+            if raw is not None:
+                query += f"&maxresults={size}"
+            body["nextLink"] = f"{next_base}{request.path}?{query}"
+        return _json_response(200, body)
+
+    # ------------------------------------------------------------------ IMDS
+
+    async def _imds(self, request: web.BaseRequest) -> web.StreamResponse:
+        with self._lock:
+            self._imds_requests += 1
+            failure = self._imds_failure
+            failed = failure is not None and failure.take()
+        if failure is not None and failed:
+            error, description = _IMDS_ERRORS.get(failure.status, ("error", "Injected failure"))
+            return self._imds_error(failure.status, error, description)
+        if request.path.rstrip("/") != IMDS_TOKEN_PATH:
+            return self._imds_error(404, "not_found", "The requested path was not found")
+        if request.method != "GET":
+            return self._imds_error(405, "invalid_request", "Only GET is supported")
+        if request.headers.get("Metadata", "").lower() != "true":
+            return self._imds_error(
+                400, "invalid_request", "Required metadata header not specified"
+            )
+        query = request.query
+        for required in ("api-version", "resource"):
+            if not query.get(required):
+                return self._imds_error(
+                    400, "invalid_request", f"Required query variable '{required}' is missing"
+                )
+        client_id = query.get("client_id")
+        selector = query.get("msi_res_id") or query.get("mi_res_id") or query.get("object_id")
+        if client_id:
+            if self.client_ids is not None and client_id.lower() not in self.client_ids:
+                return self._imds_error(400, "invalid_request", "Identity not found")
+        elif selector:
+            client_id = str(uuid.uuid5(uuid.NAMESPACE_URL, selector.lower()))
+        else:
+            client_id = self.system_client_id
+        return _json_response(200, self._issue(query["resource"], client_id))
+
+    @staticmethod
+    def _imds_error(status: int, error: str, description: str) -> web.Response:
+        return web.json_response({"error": error, "error_description": description}, status=status)
+
+    def _issue(self, resource: str, client_id: str) -> dict[str, str]:
+        now = int(time.time())
+        lifetime = int(self.token_lifetime)
+        expires_on = now + lifetime
+        claims = {
+            "aud": resource,
+            "iss": f"https://sts.windows.net/{self.tenant_id}/",
+            "iat": now,
+            "nbf": now,
+            "exp": expires_on,
+            "appid": client_id,
+            "oid": str(uuid.uuid5(uuid.NAMESPACE_OID, client_id)),
+            "tid": self.tenant_id,
+            "jti": uuid.uuid4().hex,
+        }
+        # Shaped like a JWT for code that peeks at claims; unsigned, so useless anywhere else.
+        token = ".".join(
+            (
+                _b64url(b'{"typ":"JWT","alg":"none"}'),
+                _b64url(json.dumps(claims, separators=(",", ":")).encode("utf-8")),
+                "",
+            )
+        )
+        with self._lock:
+            expired = [t for t, g in self._tokens.items() if g.expires_on <= now]
+            for stale in expired:
+                del self._tokens[stale]
+            self._tokens[token] = _Grant(resource, client_id, expires_on)
+        logger.debug("IMDS issued a token for %s (client %s)", resource, client_id)
+        return {
+            "access_token": token,
+            "client_id": client_id,
+            "expires_in": str(lifetime),
+            "expires_on": str(expires_on),
+            "ext_expires_in": str(lifetime),
+            "not_before": str(now),
+            "resource": resource,
+            "token_type": "Bearer",
+        }
+
+    def __repr__(self) -> str:
+        state = f"port={self._port} imds_port={self._imds_port}" if self._runners else "stopped"
+        return f"<LocalKeyVault {state}>"

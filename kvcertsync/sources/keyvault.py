@@ -1,0 +1,239 @@
+"""KeyVaultSource: secrets from Azure Key Vault through the official SDK, on one shared session."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from azure.core.credentials_async import AsyncTokenCredential
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.core.pipeline.transport import AioHttpTransport
+from azure.keyvault.secrets.aio import SecretClient
+
+from kvcertsync._http import retry_after
+from kvcertsync.auth import CredentialCache
+from kvcertsync.errors import (
+    AccessDenied,
+    AuthenticationFailed,
+    SecretNotFound,
+    SourceError,
+    Throttled,
+    TransientSourceError,
+)
+from kvcertsync.sources.base import SecretVersion
+from kvcertsync.sources.redirect import RedirectResolver
+from kvcertsync.uri import SecretUri
+
+if TYPE_CHECKING:
+    from kvcertsync.settings import AgentSettings
+
+__all__ = ["KeyVaultSource"]
+
+logger = logging.getLogger(__name__)
+
+
+def _error_codes(error: HttpResponseError) -> tuple[str | None, str | None]:
+    """The service's error code and inner error code, read from the response body."""
+    response = error.response
+    if response is None:
+        return None, None
+    try:
+        body = json.loads(response.text())
+        detail = body["error"]
+        inner = detail.get("innererror") or {}
+        return detail.get("code"), inner.get("code")
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None, None
+
+
+def map_error(uri: SecretUri, error: BaseException) -> SourceError:
+    """Translate an azure-core / aiohttp failure into the SourceError family."""
+    if isinstance(error, ClientAuthenticationError):
+        # Credentials raise it with their token endpoint's response (an IMDS 404 is not a
+        # missing secret); the vault's own 401 arrives as the same type.
+        request = getattr(error.response, "request", None)
+        from_vault = request is not None and uri.hostname in str(getattr(request, "url", ""))
+        if from_vault:
+            return AuthenticationFailed(f"{uri}: the vault rejected the token ({error.reason})")
+        return AuthenticationFailed(f"{uri}: could not get a token: {error.message}")
+    if isinstance(error, ResourceNotFoundError):
+        return SecretNotFound(f"{uri}: secret not found (404)")
+    if isinstance(error, HttpResponseError) and error.status_code is not None:
+        status = error.status_code
+        code, inner = _error_codes(error)
+        headers: Mapping[str, str] = getattr(error.response, "headers", None) or {}
+        detail = f"{status} {inner or code or error.reason or ''}".strip()
+        if status == 401:
+            return AuthenticationFailed(f"{uri}: the vault rejected the token ({detail})")
+        if status == 403:
+            return AccessDenied(
+                f"{uri}: access denied ({detail})", code=inner or code or "Forbidden"
+            )
+        if status == 404:
+            return SecretNotFound(f"{uri}: secret not found ({detail})")
+        if status == 429:
+            return Throttled(f"{uri}: throttled ({detail})", retry_after=retry_after(headers))
+        if status >= 500 or status == 408:
+            return TransientSourceError(
+                f"{uri}: service error ({detail})", retry_after=retry_after(headers)
+            )
+        return SourceError(f"{uri}: unexpected response ({detail})")
+    if isinstance(error, ServiceRequestError | ServiceResponseError):
+        return TransientSourceError(f"{uri}: connection failed: {error.message}")
+    if isinstance(error, aiohttp.ClientError | OSError | asyncio.TimeoutError):
+        return TransientSourceError(f"{uri}: connection failed: {type(error).__name__}")
+    return SourceError(f"{uri}: {type(error).__name__}: {error}")
+
+
+class KeyVaultSource:
+    """Reads secrets with ``azure.keyvault.secrets.aio.SecretClient``, one client per vault and
+    identity, all on one aiohttp session; the SDK's retries are off (the engine retries)."""
+
+    def __init__(
+        self,
+        credential: AsyncTokenCredential,
+        *,
+        credentials: Mapping[SecretUri, AsyncTokenCredential] | None = None,
+        ca_file: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        redirect: Mapping[str, str] | None = None,
+        timeout: float = 30.0,
+        max_connections: int = 64,
+        api_version: str | None = None,
+        owns_credentials: bool = False,
+    ) -> None:
+        if ca_file is not None and ssl_context is not None:
+            raise ValueError("give ca_file or ssl_context, not both")
+        self._credential = credential
+        self._overrides = {uri.latest: cred for uri, cred in (credentials or {}).items()}
+        self._ssl = ssl_context or ssl.create_default_context(cafile=ca_file)
+        if not self._ssl.check_hostname or self._ssl.verify_mode != ssl.CERT_REQUIRED:
+            raise ValueError("TLS verification must stay on (check_hostname and CERT_REQUIRED)")
+        self._redirect = dict(redirect or {})
+        self._timeout = timeout
+        self._max_connections = max_connections
+        self._api_version = api_version
+        self._owns_credentials = owns_credentials
+        self._session: aiohttp.ClientSession | None = None
+        self._clients: dict[tuple[str, int], SecretClient] = {}
+        self.requests = 0
+
+    def _session_for_loop(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            resolver = RedirectResolver(self._redirect) if self._redirect else None
+            connector = aiohttp.TCPConnector(
+                ssl=self._ssl,
+                limit=self._max_connections,
+                limit_per_host=self._max_connections,
+                resolver=resolver,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(
+                    total=self._timeout, connect=min(10.0, self._timeout)
+                ),
+            )
+        return self._session
+
+    def client(self, uri: SecretUri) -> SecretClient:
+        """The SecretClient for ``uri``'s vault and identity (created on first use)."""
+        credential = self._overrides.get(uri.latest, self._credential)
+        key = (uri.vault_url, id(credential))
+        client = self._clients.get(key)
+        if client is None:
+            transport = AioHttpTransport(session=self._session_for_loop(), session_owner=False)
+            options: dict[str, Any] = {"transport": transport, "retry_total": 0}
+            if self._api_version is not None:
+                options["api_version"] = self._api_version
+            client = SecretClient(uri.vault_url, credential, **options)
+            self._clients[key] = client
+        return client
+
+    async def get(self, uri: SecretUri) -> SecretVersion:
+        """Fetch ``uri`` (latest when it has no version) and return it as a SecretVersion."""
+        client = self.client(uri)
+        self.requests += 1
+        try:
+            secret = await client.get_secret(uri.name, uri.version)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            mapped = map_error(uri, error)
+            logger.debug("get %s failed: %s", uri, mapped)
+            raise mapped from None
+        props = secret.properties
+        version = props.version
+        if not version or secret.value is None:
+            raise TransientSourceError(f"{uri}: the vault answered without a version or value")
+        return SecretVersion(
+            uri=uri.latest.with_version(version),
+            version=version,
+            value=secret.value,
+            content_type=props.content_type,
+            enabled=props.enabled is not False,
+            not_before=props.not_before,
+            expires=props.expires_on,
+            updated=props.updated_on,
+        )
+
+    async def aclose(self) -> None:
+        """Close every client, the shared session and (when owned) the credentials."""
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self._owns_credentials:
+            seen: set[int] = set()
+            for credential in (self._credential, *self._overrides.values()):
+                if id(credential) not in seen:
+                    seen.add(id(credential))
+                    await credential.close()
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: AgentSettings,
+        *,
+        credential: AsyncTokenCredential | None = None,
+        **options: Any,
+    ) -> KeyVaultSource:
+        """A source authenticating as the settings say (managed identity, msiEndpoint, overrides).
+
+        A ``credential`` given here (DefaultAzureCredential on a laptop, say) is used for every
+        certificate instead, and stays the caller's to close.
+        """
+        if credential is not None:
+            if any(o.msi_client_id for o in settings.observed):
+                logger.warning("a credential was given: authenticationOverride entries are ignored")
+            return cls(credential, **options)
+        cache = CredentialCache(settings)
+        return cls(
+            cache.get(),
+            credentials=cache.overrides(settings.observed),
+            owns_credentials=True,
+            **options,
+        )
+
+    async def __aenter__(self) -> KeyVaultSource:
+        """Nothing to open up front; connections are made on first use."""
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Close everything."""
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<KeyVaultSource clients={len(self._clients)} redirect={self._redirect or None}>"
