@@ -253,3 +253,15 @@ async def test_certsync_from_extension_settings_end_to_end(kv: LocalKeyVault) ->
         assert len(source._clients) == 2  # one per identity for the same vault
     assert source._session is None  # closed on exit
     assert len(updates) == 3  # delivered before ``async with`` returned
+
+
+async def test_imds_credential_refreshes_ahead_of_expiry(kv: LocalKeyVault) -> None:
+    now = [1_000_000.0]
+    async with ImdsCredential(kv.imds_endpoint, clock=lambda: now[0]) as credential:
+        first = await credential.get_token("https://vault.azure.net/.default")
+        now[0] = first.expires_on - 1000  # well inside the lifetime: cached
+        await credential.get_token("https://vault.azure.net/.default")
+        assert kv.imds_requests == 1
+        now[0] = first.expires_on - 60  # inside the 300 s refresh margin
+        second = await credential.get_token("https://vault.azure.net/.default")
+    assert kv.imds_requests == 2 and second.token != first.token
