@@ -7,7 +7,10 @@ import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
-__all__ = ["retry_after"]
+__all__ = ["MAX_RETRY_AFTER", "retry_after"]
+
+#: The longest wait a server may ask for; beyond it a misbehaving header cannot stall a poll.
+MAX_RETRY_AFTER = 3600.0
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
@@ -19,7 +22,7 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
         except (KeyError, ValueError):
             continue
         if math.isfinite(millis) and millis >= 0:
-            return millis / 1000
+            return min(millis / 1000, MAX_RETRY_AFTER)
     raw = lowered.get("retry-after")
     if raw is None:
         return None
@@ -33,4 +36,4 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
         seconds = (when - datetime.now(UTC)).total_seconds()
-    return max(seconds, 0.0) if math.isfinite(seconds) else None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER) if math.isfinite(seconds) else None

@@ -41,6 +41,7 @@ from kvcertsync.auth import (
     ImdsAuthenticationError,
     ImdsCredential,
     ImdsRetry,
+    SharedCredential,
     credential_from_settings,
     is_standard_imds,
 )
@@ -988,9 +989,11 @@ async def test_credential_cache_closes_everything(imds: FakeImds) -> None:
     credentials = [cache.for_certificate(cert) for cert in agent.observed]
     assert len({id(c) for c in credentials}) == 3
     sessions = []
-    for credential in credentials:
+    for shared in credentials:
+        assert isinstance(shared, SharedCredential)  # single flight across certificates
+        credential = shared.inner
         assert isinstance(credential, ImdsCredential)
-        await credential.get_token(VAULT_SCOPE)
+        await shared.get_token(VAULT_SCOPE)
         sessions.append(credential._session)
     assert {r.query.get("client_id") for r in imds.requests} == {None, CLIENT_A, CLIENT_B}
     await cache.aclose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -17,6 +18,7 @@ from kvcertsync.errors import (
     AccessDenied,
     AuthenticationFailed,
     SecretNotFound,
+    SourceError,
     Throttled,
     TransientSourceError,
 )
@@ -24,7 +26,7 @@ from kvcertsync.events import CertificateUpdated, Event
 from kvcertsync.material import CertificateMaterial
 from kvcertsync.sources import KeyVaultSource
 from kvcertsync.sources.redirect import RedirectResolver, parse_target
-from kvcertsync.stores import MemoryStore
+from kvcertsync.stores import MemoryStore, PemDirectoryStore
 from kvcertsync.uri import SecretUri
 
 pytestmark = pytest.mark.anyio
@@ -133,8 +135,9 @@ async def test_tls_is_verified(kv: LocalKeyVault) -> None:
     async with KeyVaultSource(
         ImdsCredential(kv.imds_endpoint), redirect=kv.redirect, owns_credentials=True
     ) as source:
-        with pytest.raises(TransientSourceError, match="connection failed"):
+        with pytest.raises(SourceError, match="TLS verification failed") as untrusted:
             await source.get(uri("web"))  # the system trust store does not know the test CA
+        assert not untrusted.value.retryable
     lax = ssl.create_default_context()
     lax.check_hostname = False
     lax.verify_mode = ssl.CERT_NONE
@@ -265,3 +268,90 @@ async def test_imds_credential_refreshes_ahead_of_expiry(kv: LocalKeyVault) -> N
         now[0] = first.expires_on - 60  # inside the 300 s refresh margin
         second = await credential.get_token("https://vault.azure.net/.default")
     assert kv.imds_requests == 2 and second.token != first.token
+
+
+async def test_timeout_bounds_each_request(kv: LocalKeyVault) -> None:
+    kv.set_secret("demo", "slow", "v")
+    async with source_for(kv, timeout=0.3) as source:
+        await source.get(uri("slow"))  # token and challenge done
+        kv.latency(5, vault="demo")
+        with pytest.raises(TransientSourceError, match=r"no answer within 0\.3 s"):
+            await source.get(uri("slow"))
+
+
+async def test_configuration_errors_from_imds_are_not_retried(kv: LocalKeyVault) -> None:
+    kv.set_secret("demo", "s", "v")
+    kv.client_ids = {"11111111-1111-1111-1111-111111111111"}
+    wrong = ImdsCredential(kv.imds_endpoint, "33333333-3333-3333-3333-333333333333")
+    async with KeyVaultSource(
+        wrong, ca_file=kv.ca_file, redirect=kv.redirect, owns_credentials=True
+    ) as source:
+        with pytest.raises(AuthenticationFailed) as failed:
+            await source.get(uri("s"))
+    assert not failed.value.retryable  # an unknown identity will not appear by retrying
+
+
+async def test_concurrent_polls_share_one_token_request(
+    kv: LocalKeyVault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", kv.imds_authority)
+    names = [f"s{i}" for i in range(20)]
+    for name in names:
+        kv.set_secret("demo", name, "v")
+    async with (
+        KeyVaultSource(
+            ManagedIdentityCredential(),
+            ca_file=kv.ca_file,
+            redirect=kv.redirect,
+            owns_credentials=True,
+        ) as source,
+        anyio.create_task_group() as tg,
+    ):
+        for name in names:
+            tg.start_soon(source.get, uri(name))
+    assert kv.imds_requests == 1
+
+
+async def test_a_failed_token_request_is_shared_not_repeated(kv: LocalKeyVault) -> None:
+    kv.set_secret("demo", "s", "v")
+    kv.fail_imds(500, times=None)
+    imds = ImdsCredential(kv.imds_endpoint, retry=ImdsRetry(attempts=1))
+    failures = []
+    async with KeyVaultSource(
+        imds, ca_file=kv.ca_file, redirect=kv.redirect, owns_credentials=True
+    ) as source:
+
+        async def get() -> None:
+            try:
+                await source.get(uri("s"))
+            except AuthenticationFailed as error:
+                failures.append(error)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(get)
+    assert len(failures) == 10 and kv.imds_requests == 1
+
+
+async def test_from_settings_picks_the_pem_directory_store(
+    kv: LocalKeyVault, tmp_path: Path
+) -> None:
+    kv.import_certificate("demo", "web", kv.authority.issue(["web.example"]))
+    settings = parse_settings(
+        {
+            "secretsManagementSettings": {
+                "observedCertificates": [
+                    {"url": f"{DEMO}/secrets/web", "certificateStoreLocation": str(tmp_path)}
+                ],
+            },
+            "authenticationSettings": {"msiEndpoint": kv.imds_endpoint},
+        }
+    )
+    source = KeyVaultSource.from_settings(settings, ca_file=kv.ca_file, redirect=kv.redirect)
+    sync = CertSync.from_settings(settings, source=source)
+    assert isinstance(sync.store, PemDirectoryStore)
+    async with sync:
+        await sync.wait_ready()
+    assert CertificateMaterial.from_secret((tmp_path / "demo.web").read_bytes()).dns_names == (
+        "web.example",
+    )

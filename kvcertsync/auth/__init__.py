@@ -16,6 +16,7 @@ from kvcertsync.auth.imds import (
     arc_key_directory,
     token_url,
 )
+from kvcertsync.auth.shared import SharedCredential, share
 
 __all__ = [
     "ARC_API_VERSION",
@@ -25,9 +26,11 @@ __all__ = [
     "ImdsAuthenticationError",
     "ImdsCredential",
     "ImdsRetry",
+    "SharedCredential",
     "arc_key_directory",
     "credential_from_settings",
     "is_arc_endpoint",
     "is_standard_imds",
+    "share",
     "token_url",
 ]

@@ -14,6 +14,7 @@ from azure.core.pipeline.transport import AioHttpTransport
 from azure.identity.aio import ManagedIdentityCredential
 
 from kvcertsync.auth.imds import DEFAULT_API_VERSION, ImdsCredential, token_url
+from kvcertsync.auth.shared import share
 from kvcertsync.settings import AgentSettings, ObservedCertificate
 from kvcertsync.uri import SecretUri
 
@@ -132,7 +133,9 @@ class CredentialCache:
         key = self._key(client_id)
         credential = self._credentials.get(key)
         if credential is None:
-            credential = credential_from_settings(self._settings, client_id, session=self._session)
+            credential = share(
+                credential_from_settings(self._settings, client_id, session=self._session)
+            )
             self._credentials[key] = credential
         return credential
 

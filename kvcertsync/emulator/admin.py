@@ -38,7 +38,10 @@ class AdminError(Exception):
 
 def _field(body: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
     value = body.get(key, default)
-    if value is not None and value is not default and not isinstance(value, kind):
+    wanted = kind if isinstance(kind, tuple) else (kind,)
+    # JSON true is a Python int too: only accept a bool where a bool is asked for.
+    wrong_bool = isinstance(value, bool) and bool not in wanted
+    if value is not None and value is not default and (wrong_bool or not isinstance(value, kind)):
         raise AdminError(f"'{key}' has the wrong type")
     return value
 

@@ -312,10 +312,11 @@ class LocalKeyVault:
         if self._runners:
             raise RuntimeError("LocalKeyVault is already running")
         self._closing = asyncio.Event()
-        if self._authority is None:
-            self._authority = TestAuthority("kvcertsync emulator")
         try:
-            self._tls = ServerTLS(self._authority, self._state_dir)
+            # Key generation and file writes: off the event loop the caller's code runs on.
+            if self._authority is None:
+                self._authority = await asyncio.to_thread(TestAuthority, "kvcertsync emulator")
+            self._tls = await asyncio.to_thread(ServerTLS, self._authority, self._state_dir)
             self._port = await self._serve(
                 self._dispatch, self._want_port, self._tls.server_context
             )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import ssl
@@ -10,6 +9,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import anyio
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import (
     ClientAuthenticationError,
@@ -23,6 +23,7 @@ from azure.keyvault.secrets.aio import SecretClient
 
 from kvcertsync._http import retry_after
 from kvcertsync.auth import CredentialCache
+from kvcertsync.auth.shared import share
 from kvcertsync.errors import (
     AccessDenied,
     AuthenticationFailed,
@@ -38,7 +39,7 @@ from kvcertsync.uri import SecretUri
 if TYPE_CHECKING:
     from kvcertsync.settings import AgentSettings
 
-__all__ = ["KeyVaultSource"]
+__all__ = ["KeyVaultSource", "map_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,16 +58,32 @@ def _error_codes(error: HttpResponseError) -> tuple[str | None, str | None]:
         return None, None
 
 
+def _causes(error: BaseException) -> list[BaseException]:
+    """The error and what it wraps (azure-core keeps the transport's error in inner_exception)."""
+    seen: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in seen:
+        seen.append(current)
+        inner = getattr(current, "inner_exception", None)
+        current = (
+            inner if isinstance(inner, BaseException) else current.__cause__ or current.__context__
+        )
+    return seen
+
+
+def _permanent(error: SourceError) -> SourceError:
+    error.retryable = False
+    return error
+
+
 def map_error(uri: SecretUri, error: BaseException) -> SourceError:
-    """Translate an azure-core / aiohttp failure into the SourceError family."""
+    """Translate an azure-core / aiohttp / credential failure into the SourceError family."""
+    if isinstance(error, SourceError):
+        return error  # our own credentials already say what happened and whether to retry
     if isinstance(error, ClientAuthenticationError):
-        # Credentials raise it with their token endpoint's response (an IMDS 404 is not a
-        # missing secret); the vault's own 401 arrives as the same type.
-        request = getattr(error.response, "request", None)
-        from_vault = request is not None and uri.hostname in str(getattr(request, "url", ""))
-        if from_vault:
-            return AuthenticationFailed(f"{uri}: the vault rejected the token ({error.reason})")
-        return AuthenticationFailed(f"{uri}: could not get a token: {error.message}")
+        # Raised by credentials with their token endpoint's response (an IMDS 404 is not a
+        # missing secret), and by the SDK for the vault's own 401.
+        return AuthenticationFailed(f"{uri}: no usable token: {error.message}")
     if isinstance(error, ResourceNotFoundError):
         return SecretNotFound(f"{uri}: secret not found (404)")
     if isinstance(error, HttpResponseError) and error.status_code is not None:
@@ -74,8 +91,6 @@ def map_error(uri: SecretUri, error: BaseException) -> SourceError:
         code, inner = _error_codes(error)
         headers: Mapping[str, str] = getattr(error.response, "headers", None) or {}
         detail = f"{status} {inner or code or error.reason or ''}".strip()
-        if status == 401:
-            return AuthenticationFailed(f"{uri}: the vault rejected the token ({detail})")
         if status == 403:
             return AccessDenied(
                 f"{uri}: access denied ({detail})", code=inner or code or "Forbidden"
@@ -88,16 +103,26 @@ def map_error(uri: SecretUri, error: BaseException) -> SourceError:
             return TransientSourceError(
                 f"{uri}: service error ({detail})", retry_after=retry_after(headers)
             )
-        return SourceError(f"{uri}: unexpected response ({detail})")
+        return _permanent(SourceError(f"{uri}: unexpected response ({detail})"))
+    if any(isinstance(e, ssl.SSLCertVerificationError) for e in _causes(error)):
+        return _permanent(
+            SourceError(
+                f"{uri}: TLS verification failed: the vault's certificate is not trusted "
+                "(a TLS-inspecting proxy needs its CA passed as ca_file)"
+            )
+        )
     if isinstance(error, ServiceRequestError | ServiceResponseError):
         return TransientSourceError(f"{uri}: connection failed: {error.message}")
-    if isinstance(error, aiohttp.ClientError | OSError | asyncio.TimeoutError):
+    if isinstance(error, aiohttp.ClientError | OSError | TimeoutError):
         return TransientSourceError(f"{uri}: connection failed: {type(error).__name__}")
-    return SourceError(f"{uri}: {type(error).__name__}: {error}")
+    if isinstance(error, ValueError):
+        # The SDK's own refusals (a challenge for another resource, say): configuration errors.
+        return _permanent(SourceError(f"{uri}: {error}"))
+    return _permanent(SourceError(f"{uri}: unexpected {type(error).__name__}"))
 
 
 class KeyVaultSource:
-    """Reads secrets with ``azure.keyvault.secrets.aio.SecretClient``, one client per vault and
+    """Reads secrets with ``azure.keyvault.secrets.aio.SecretClient``: a client per vault and
     identity, all on one aiohttp session; the SDK's retries are off (the engine retries)."""
 
     def __init__(
@@ -112,22 +137,62 @@ class KeyVaultSource:
         max_connections: int = 64,
         api_version: str | None = None,
         owns_credentials: bool = False,
+        trust_env: bool | None = None,
     ) -> None:
         if ca_file is not None and ssl_context is not None:
             raise ValueError("give ca_file or ssl_context, not both")
-        self._credential = credential
-        self._overrides = {uri.latest: cred for uri, cred in (credentials or {}).items()}
+        if not timeout > 0:
+            raise ValueError("timeout must be positive")
         self._ssl = ssl_context or ssl.create_default_context(cafile=ca_file)
         if not self._ssl.check_hostname or self._ssl.verify_mode != ssl.CERT_REQUIRED:
             raise ValueError("TLS verification must stay on (check_hostname and CERT_REQUIRED)")
+        self._credential = share(credential)
+        self._overrides = {uri.latest: share(c) for uri, c in (credentials or {}).items()}
+        self._owned: list[AsyncTokenCredential] = []
+        if owns_credentials:
+            self._owned = list(
+                {id(c): c for c in (credential, *(credentials or {}).values())}.values()
+            )
+        self._cache: CredentialCache | None = None
         self._redirect = dict(redirect or {})
+        # Proxies from the environment (HTTPS_PROXY, NO_PROXY) apply unless we redirect: a
+        # proxy would then take the connection somewhere else than the redirect says.
+        self._trust_env = not self._redirect if trust_env is None else trust_env
         self._timeout = timeout
         self._max_connections = max_connections
         self._api_version = api_version
-        self._owns_credentials = owns_credentials
         self._session: aiohttp.ClientSession | None = None
         self._clients: dict[tuple[str, int], SecretClient] = {}
         self.requests = 0
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: AgentSettings,
+        *,
+        credential: AsyncTokenCredential | None = None,
+        **options: Any,
+    ) -> KeyVaultSource:
+        """A source authenticating as the settings say (managed identity, msiEndpoint, overrides).
+
+        A ``credential`` given here (DefaultAzureCredential on a laptop, say) is used for every
+        certificate instead, and stays the caller's to close.
+        """
+        if credential is not None:
+            if any(o.msi_client_id for o in settings.observed):
+                logger.warning("a credential was given: authenticationOverride entries are ignored")
+            return cls(credential, **options)
+        cache = CredentialCache(settings)
+        source = cls(cache.get(), credentials=cache.overrides(settings.observed), **options)
+        source._cache = cache
+        return source
+
+    def set_credential(self, uri: SecretUri, credential: AsyncTokenCredential | None) -> None:
+        """Read ``uri`` as another identity from now on (None: back to the default)."""
+        if credential is None:
+            self._overrides.pop(uri.latest, None)
+        else:
+            self._overrides[uri.latest] = share(credential)
 
     def _session_for_loop(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -138,12 +203,7 @@ class KeyVaultSource:
                 limit_per_host=self._max_connections,
                 resolver=resolver,
             )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(
-                    total=self._timeout, connect=min(10.0, self._timeout)
-                ),
-            )
+            self._session = aiohttp.ClientSession(connector=connector, trust_env=self._trust_env)
         return self._session
 
     def client(self, uri: SecretUri) -> SecretClient:
@@ -153,7 +213,13 @@ class KeyVaultSource:
         client = self._clients.get(key)
         if client is None:
             transport = AioHttpTransport(session=self._session_for_loop(), session_owner=False)
-            options: dict[str, Any] = {"transport": transport, "retry_total": 0}
+            options: dict[str, Any] = {
+                "transport": transport,
+                "retry_total": 0,
+                # azure-core sets per-request socket timeouts that override the session's.
+                "connection_timeout": min(10.0, self._timeout),
+                "read_timeout": self._timeout,
+            }
             if self._api_version is not None:
                 options["api_version"] = self._api_version
             client = SecretClient(uri.vault_url, credential, **options)
@@ -165,9 +231,11 @@ class KeyVaultSource:
         client = self.client(uri)
         self.requests += 1
         try:
-            secret = await client.get_secret(uri.name, uri.version)
-        except asyncio.CancelledError:
-            raise
+            # One bound for the whole request, token acquisition included.
+            with anyio.fail_after(self._timeout):
+                secret = await client.get_secret(uri.name, uri.version)
+        except TimeoutError:
+            raise TransientSourceError(f"{uri}: no answer within {self._timeout:g} s") from None
         except Exception as error:
             mapped = map_error(uri, error)
             logger.debug("get %s failed: %s", uri, mapped)
@@ -188,44 +256,25 @@ class KeyVaultSource:
         )
 
     async def aclose(self) -> None:
-        """Close every client, the shared session and (when owned) the credentials."""
+        """Close every client, the shared session and the credentials this source owns."""
         clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
-            await client.close()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-        if self._owns_credentials:
-            seen: set[int] = set()
-            for credential in (self._credential, *self._overrides.values()):
-                if id(credential) not in seen:
-                    seen.add(id(credential))
-                    await credential.close()
-
-    @classmethod
-    def from_settings(
-        cls,
-        settings: AgentSettings,
-        *,
-        credential: AsyncTokenCredential | None = None,
-        **options: Any,
-    ) -> KeyVaultSource:
-        """A source authenticating as the settings say (managed identity, msiEndpoint, overrides).
-
-        A ``credential`` given here (DefaultAzureCredential on a laptop, say) is used for every
-        certificate instead, and stays the caller's to close.
-        """
-        if credential is not None:
-            if any(o.msi_client_id for o in settings.observed):
-                logger.warning("a credential was given: authenticationOverride entries are ignored")
-            return cls(credential, **options)
-        cache = CredentialCache(settings)
-        return cls(
-            cache.get(),
-            credentials=cache.overrides(settings.observed),
-            owns_credentials=True,
-            **options,
-        )
+        try:
+            for client in clients:
+                await client.close()
+        finally:
+            try:
+                if self._session is not None:
+                    await self._session.close()
+                    self._session = None
+            finally:
+                owned, self._owned = self._owned, []
+                if self._cache is not None:
+                    await self._cache.aclose()
+                for credential in owned:
+                    try:
+                        await credential.close()
+                    except Exception:
+                        logger.warning("closing %r failed", credential, exc_info=True)
 
     async def __aenter__(self) -> KeyVaultSource:
         """Nothing to open up front; connections are made on first use."""
