@@ -7,6 +7,7 @@ extension's JSON alone.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from azure.core.credentials_async import AsyncTokenCredential
@@ -16,6 +17,7 @@ from kvcertsync.settings import AgentSettings
 from kvcertsync.sources.base import SecretSource
 from kvcertsync.sources.keyvault import KeyVaultSource
 from kvcertsync.stores.base import Store
+from kvcertsync.stores.pemdir import PemDirectoryStore
 
 __all__ = ["source_from_settings", "store_from_settings"]
 
@@ -28,9 +30,11 @@ def source_from_settings(
 
 
 def store_from_settings(settings: AgentSettings) -> Store:
-    """The store the observed certificates' locations call for."""
-    locations = sorted({cert.store_location for cert in settings.observed})
-    raise StoreError(
-        f"no store implementation for certificateStoreLocation {', '.join(locations)} yet: "
-        "pass store= (for example kvcertsync.stores.MemoryStore())"
-    )
+    """The store the platform and the certificates' locations call for.
+
+    Elsewhere than Windows that is a PemDirectoryStore: certificates whose location is a
+    directory go there, the others to the Linux extension's default directory, as it does.
+    """
+    if sys.platform == "win32":
+        raise StoreError("the Windows certificate store is not available yet: pass store=")
+    return PemDirectoryStore.from_settings(settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -11,15 +12,15 @@ from pathlib import Path
 from typing import TextIO
 
 import anyio
-from azure.keyvault.secrets._shared import http_challenge_cache
 
 from kvcertsync.emulator import LocalKeyVault
 from kvcertsync.engine import CertSync
 from kvcertsync.events import CertificateUpdated, Event, SyncFailed
+from kvcertsync.material import CertificateMaterial
 from kvcertsync.settings import parse_settings
 from kvcertsync.sources.keyvault import KeyVaultSource
 from kvcertsync.stores.base import Store
-from kvcertsync.stores.memory import MemoryStore
+from kvcertsync.stores.pemdir import PemDirectoryStore
 
 __all__ = ["run_demo"]
 
@@ -36,6 +37,11 @@ def _printer(stream: TextIO) -> Callable[[str], None]:
     return say
 
 
+def _mint(kv: LocalKeyVault) -> tuple[CertificateMaterial, CertificateMaterial]:
+    web = kv.authority.issue(["www.contoso.example", "contoso.example"], key="rsa")
+    return web, kv.authority.issue(["api.contoso.example"], key="ec")
+
+
 async def run_demo(
     directory: Path,
     *,
@@ -45,12 +51,10 @@ async def run_demo(
 ) -> int:
     """Run the demo with certificates going to ``directory`` (absolute); returns the exit status."""
     say = _printer(stream)
-    http_challenge_cache.clear()
     async with LocalKeyVault() as kv:
         say(f"local Key Vault on https://127.0.0.1:{kv.port}, IMDS on {kv.imds_endpoint}")
         say(f"every https://*.vault.azure.net connection goes there; its CA: {kv.ca_file}")
-        web = kv.authority.issue(["www.contoso.example", "contoso.example"], key="rsa")
-        api = kv.authority.issue(["api.contoso.example"], key="ec")
+        web, api = await anyio.to_thread.run_sync(_mint, kv)
         say(f"vault: web as PKCS#12, version {kv.import_certificate(VAULT, 'web', web)}")
         version = kv.import_certificate(VAULT, "api", api, content_type="application/x-pem-file")
         say(f"vault: api as PEM, version {version}")
@@ -79,7 +83,7 @@ async def run_demo(
             print(f"           {line}", file=stream)
 
         source = KeyVaultSource.from_settings(settings, ca_file=kv.ca_file, redirect=kv.redirect)
-        target = store if store is not None else MemoryStore()
+        target = store if store is not None else PemDirectoryStore(directory)
         sync = CertSync.from_settings(settings, store=target, source=source)
         updated = anyio.Event()
         failures: list[SyncFailed] = []
@@ -99,7 +103,9 @@ async def run_demo(
             with anyio.fail_after(15):
                 await sync.wait_ready()
             say("initial sync done; rotating web in the vault")
-            say(f"vault: web rotated, version {kv.rotate(VAULT, 'web')}")
+            # Minting an RSA key takes a while: not on the loop the sync runs on.
+            rotated = await anyio.to_thread.run_sync(kv.rotate, VAULT, "web")
+            say(f"vault: web rotated, version {rotated}")
             with anyio.fail_after(15):
                 await updated.wait()
             if forever:
@@ -110,6 +116,8 @@ async def run_demo(
                 with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for _ in signals:
                         break
+        files = sorted(await anyio.to_thread.run_sync(os.listdir, directory))
+        say(f"files in {directory}: {', '.join(files)}")
         say(
             f"summary: {len(sync.observed)} certificates kept current, {len(updates)} updates, "
             f"{len(failures)} failures, {kv.request_counts.get(VAULT, 0)} vault requests"

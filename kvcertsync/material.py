@@ -31,6 +31,7 @@ __all__ = [
     "PKCS12_CONTENT_TYPE",
     "CertificateMaterial",
     "PrivateKey",
+    "certificate_thumbprint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -173,8 +174,7 @@ class CertificateMaterial:
     @property
     def thumbprint(self) -> str:
         """SHA-1 of the leaf's DER, upper-case hex without separators, as Windows shows it."""
-        # SHA-1 here is an identifier that crypt32 and the Windows UI use, not a security check.
-        return hashlib.sha1(self._leaf_der(), usedforsecurity=False).hexdigest().upper()
+        return certificate_thumbprint(self.certificate)
 
     @property
     def sha256(self) -> str:
@@ -286,6 +286,13 @@ class CertificateMaterial:
 
 
 # ---------------------------------------------------------------------- input decoding
+
+
+def certificate_thumbprint(certificate: x509.Certificate) -> str:
+    """SHA-1 of a certificate's DER, upper-case hex without separators, as Windows shows it."""
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    # SHA-1 here is an identifier that crypt32 and the Windows UI use, not a security check.
+    return hashlib.sha1(der, usedforsecurity=False).hexdigest().upper()
 
 
 def _normalise_content_type(content_type: str | None) -> str | None:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kvcertsync.material import CertificateMaterial
+
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     result = subprocess.run(
@@ -22,3 +24,11 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "initial sync completed: 2 certificates" in out
     assert "summary: 2 certificates kept current, 3 updates, 0 failures" in out
     assert "BEGIN" not in out and "PRIVATE" not in out  # no secret material on screen
+    # The certificates landed in the directory, in the Linux extension's layout.
+    out_dir = tmp_path / "out"
+    web = CertificateMaterial.from_secret((out_dir / "demo.web").read_bytes())
+    api = CertificateMaterial.from_secret((out_dir / "demo.api").read_bytes())
+    assert web.dns_names == ("www.contoso.example", "contoso.example")
+    assert api.dns_names == ("api.contoso.example",)
+    assert web.thumbprint[:8] in out.splitlines()[-3]  # the rotated version is the one in place
+    assert oct((out_dir / "demo.web").stat().st_mode & 0o777) == "0o600"

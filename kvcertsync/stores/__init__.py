@@ -2,5 +2,6 @@
 
 from kvcertsync.stores.base import InstalledCertificate, Store
 from kvcertsync.stores.memory import MemoryStore
+from kvcertsync.stores.pemdir import PemDirectoryStore
 
-__all__ = ["InstalledCertificate", "MemoryStore", "Store"]
+__all__ = ["InstalledCertificate", "MemoryStore", "PemDirectoryStore", "Store"]

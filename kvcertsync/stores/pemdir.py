@@ -1,0 +1,561 @@
+"""PemDirectoryStore: PEM files in a directory, in the Linux extension's layout, atomic and safe.
+
+Every change is made on the side and published by one rename: a version file (or directory) is
+written under a temporary name, synced and renamed into place, then the certificate's link is
+swapped by renaming a new symlink over it. A reader (nginx, a restarted agent) therefore always
+finds the link pointing at a complete, self-consistent version, old or new, whatever instant the
+process dies at. All work is relative to one directory file descriptor whose owner and mode were
+checked, and nothing the store did not create is followed or replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import logging
+import os
+import pwd
+import re
+import secrets
+import shutil
+import stat
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING, Literal
+
+import anyio
+from cryptography import x509
+
+from kvcertsync.errors import MaterialError, StoreError
+from kvcertsync.material import CertificateMaterial, certificate_thumbprint
+from kvcertsync.stores.base import InstalledCertificate
+
+if TYPE_CHECKING:
+    from kvcertsync.settings import Acl, AgentSettings, ObservedCertificate
+
+__all__ = ["DEFAULT_DIRECTORY", "Layout", "PemDirectoryStore"]
+
+logger = logging.getLogger(__name__)
+
+#: Where KeyVaultForLinux keeps certificates when the settings name no directory.
+DEFAULT_DIRECTORY = "/var/lib/waagent/Microsoft.Azure.KeyVault.Store"
+
+Layout = Literal["kvlinux", "split"]
+
+_VERSION = re.compile(r"[0-9a-f]{32}")
+_LINK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+_TEMP_PREFIX = ".kvcertsync-tmp-"
+# A temporary entry older than this belongs to a process that died mid-write.
+_STALE_TEMP_SECONDS = 600.0
+_SPLIT_FILES = ("cert.pem", "chain.pem", "fullchain.pem", "privkey.pem")
+
+
+def _fsync_dir(dir_fd: int) -> None:
+    os.fsync(dir_fd)
+
+
+@contextlib.contextmanager
+def _open_dir(path: str | os.PathLike[str], dir_fd: int | None = None) -> Iterator[int]:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+class PemDirectoryStore:
+    """Certificates as PEM files in a directory, compatible with KeyVaultForLinux.
+
+    ``layout="kvlinux"`` (default): one file ``<vault>.<name>.<version>`` per version holding the
+    leaf, its chain and then the private key, and a symlink ``<vault>.<name>`` to the current one.
+    ``layout="split"``: ``<vault>.<name>`` links to a version directory holding ``cert.pem``,
+    ``chain.pem``, ``fullchain.pem``, ``privkey.pem`` (and ``bundle.pfx`` with ``pfx=True``).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] = DEFAULT_DIRECTORY,
+        *,
+        layout: Layout = "kvlinux",
+        keep_versions: int = 2,
+        file_mode: int = 0o600,
+        group: str | int | None = None,
+        apply_acls: bool = True,
+        pfx: bool = False,
+    ) -> None:
+        if layout not in ("kvlinux", "split"):
+            raise ValueError(f"layout must be 'kvlinux' or 'split', not {layout!r}")
+        if keep_versions < 1:
+            raise ValueError("keep_versions must be at least 1")
+        if file_mode & ~0o640:
+            raise ValueError(f"file_mode {file_mode:#o} would give more than owner rw, group r")
+        self.directory = Path(directory)
+        self.layout: Layout = layout
+        self.keep_versions = keep_versions
+        self.file_mode = file_mode
+        self.gid = self._gid(group)
+        self.apply_acls = apply_acls
+        self.pfx = pfx
+
+    @classmethod
+    def from_settings(cls, settings: AgentSettings, **options: object) -> PemDirectoryStore:
+        """A store honouring the settings' ``aclEnabled`` (directories come per certificate)."""
+        options.setdefault("apply_acls", settings.acl_enabled)
+        return cls(**options)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _gid(group: str | int | None) -> int | None:
+        if group is None or isinstance(group, int):
+            return group
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise StoreError(f"group {group!r} does not exist") from None
+
+    def __repr__(self) -> str:
+        return f"PemDirectoryStore({str(self.directory)!r}, layout={self.layout!r})"
+
+    # ------------------------------------------------------------------ Store protocol
+
+    async def install(
+        self, observed: ObservedCertificate, material: CertificateMaterial, version: str
+    ) -> InstalledCertificate:
+        """Write ``version`` of ``observed`` and point its link(s) at it, atomically."""
+        return await anyio.to_thread.run_sync(self._install, observed, material, version)
+
+    async def installed(self, observed: ObservedCertificate) -> InstalledCertificate | None:
+        """What the link of ``observed`` points at now, or None."""
+        return await anyio.to_thread.run_sync(self._installed, observed)
+
+    # ------------------------------------------------------------------ naming
+
+    def directory_for(self, observed: ObservedCertificate) -> Path:
+        """The directory of ``observed``: its location when that is a path, else the default."""
+        location = observed.store_directory
+        return Path(location) if isinstance(location, PurePath) else self.directory
+
+    @staticmethod
+    def base_name(observed: ObservedCertificate) -> str:
+        """``<vault>.<name>``, built from validated URL parts only (no path can escape)."""
+        uri = observed.uri
+        name = f"{uri.vault_name}.{uri.name}"
+        if not _LINK_NAME.fullmatch(name):
+            raise StoreError(f"{uri}: cannot derive a safe file name from {name!r}")
+        return name
+
+    @staticmethod
+    def _links(observed: ObservedCertificate, base: str) -> tuple[str, ...]:
+        links = [base]
+        custom = observed.symlink_name
+        if custom is not None:
+            if not _LINK_NAME.fullmatch(custom) or custom.startswith(_TEMP_PREFIX):
+                raise StoreError(
+                    f"{observed.uri}: customSymbolicLinkName {custom!r} is not a safe name"
+                )
+            if custom != base:
+                links.append(custom)
+        return tuple(links)
+
+    # ------------------------------------------------------------------ directory safety
+
+    def _open_store_dir(self, path: Path, create: bool) -> int:
+        """Open ``path`` (creating it 0700 if missing) and check nobody else can write in it."""
+        if create:
+            try:
+                os.makedirs(path, mode=0o700)
+                logger.info("created certificate directory %s", path)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise StoreError(f"cannot create {path}: {exc.strerror}") from None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise StoreError(f"cannot open directory {path}: {exc.strerror}") from None
+        try:
+            info = os.fstat(fd)
+            if info.st_uid != os.geteuid():
+                owner = _user_name(info.st_uid)
+                raise StoreError(
+                    f"{path} is owned by {owner}, not by the user kvcertsync runs as "
+                    f"({_user_name(os.geteuid())}): refusing to write private keys there"
+                )
+            if info.st_mode & 0o022:
+                raise StoreError(
+                    f"{path} is writable by group or others "
+                    f"(mode {stat.S_IMODE(info.st_mode):04o}): refusing to write private keys "
+                    "where others can replace them"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def _lstat(name: str, dir_fd: int) -> os.stat_result | None:
+        try:
+            return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    # ------------------------------------------------------------------ reading
+
+    def _installed(self, observed: ObservedCertificate) -> InstalledCertificate | None:
+        directory = self.directory_for(observed)
+        base = self.base_name(observed)
+        try:
+            fd = self._open_store_dir(directory, create=False)
+        except FileNotFoundError:
+            return None
+        try:
+            version = self._current_version(base, fd)
+            if version is None:
+                return None
+            try:
+                leaf = self._read_leaf(f"{base}.{version}", fd)
+            except (OSError, ValueError, MaterialError) as exc:
+                # A damaged or foreign target counts as nothing installed: the engine reinstalls.
+                logger.warning(
+                    "%s: unreadable (%s); it will be installed again", directory / base, exc
+                )
+                return None
+        finally:
+            os.close(fd)
+        return self._record(observed, version, leaf, directory / base)
+
+    def _current_version(self, base: str, fd: int) -> str | None:
+        info = self._lstat(base, fd)
+        if info is None:
+            return None
+        if not stat.S_ISLNK(info.st_mode):
+            raise StoreError(
+                f"{base} exists and is not a symlink kvcertsync made: refusing to use it"
+            )
+        target = os.readlink(base, dir_fd=fd)
+        prefix = f"{base}."
+        version = target[len(prefix) :] if target.startswith(prefix) else ""
+        if "/" in target or not _VERSION.fullmatch(version):
+            raise StoreError(f"{base} points at {target!r}, which kvcertsync did not write")
+        return version
+
+    def _read_leaf(self, entry: str, fd: int) -> x509.Certificate:
+        info = self._lstat(entry, fd)
+        if info is None:
+            raise FileNotFoundError(errno.ENOENT, "missing", entry)
+        if stat.S_ISDIR(info.st_mode):
+            with _open_dir(entry, fd) as sub:
+                data = self._read_regular("cert.pem", sub)
+        else:
+            data = self._read_regular(entry, fd)
+        return x509.load_pem_x509_certificate(data)
+
+    @staticmethod
+    def _read_regular(name: str, dir_fd: int) -> bytes:
+        file_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", name)
+            with os.fdopen(file_fd, "rb", closefd=False) as handle:
+                return handle.read()
+        finally:
+            os.close(file_fd)
+
+    def _record(
+        self, observed: ObservedCertificate, version: str, leaf: x509.Certificate, link: Path
+    ) -> InstalledCertificate:
+        return InstalledCertificate(
+            uri=observed.uri,
+            version=version,
+            thumbprint=certificate_thumbprint(leaf),
+            not_after=leaf.not_valid_after_utc,
+            location=str(link),
+        )
+
+    # ------------------------------------------------------------------ writing
+
+    def _install(
+        self, observed: ObservedCertificate, material: CertificateMaterial, version: str
+    ) -> InstalledCertificate:
+        if not _VERSION.fullmatch(version):
+            raise StoreError(
+                f"{observed.uri}: version {version!r} is not 32 hexadecimal characters"
+            )
+        directory = self.directory_for(observed)
+        base = self.base_name(observed)
+        links = self._links(observed, base)
+        acls = observed.acls if self.apply_acls else ()
+        entry = f"{base}.{version}"
+        contents = self._contents(material)
+        fd = self._open_store_dir(directory, create=True)
+        try:
+            for link in links:
+                self._check_link_is_ours(link, base, fd, directory)
+            existing = self._lstat(entry, fd)
+            if existing is None:
+                self._write_entry(entry, contents, acls, fd)
+            elif not self._same_content(entry, existing, contents, fd):
+                raise StoreError(
+                    f"{directory / entry} exists with different content or is not a file "
+                    "kvcertsync wrote: refusing to replace it"
+                )
+            for link in links:
+                self._point(link, entry, fd)
+            _fsync_dir(fd)
+            self._prune(base, entry, fd)
+            self._grant_directory(directory, acls)
+        except OSError as exc:
+            raise StoreError(f"cannot install into {directory}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+        logger.info("installed %s version %s into %s", observed.uri, version, directory / base)
+        return self._record(observed, version, material.certificate, directory / base)
+
+    def _contents(self, material: CertificateMaterial) -> dict[str, bytes]:
+        if self.layout == "kvlinux":
+            return {"": material.to_pem_bundle()}
+        files = {
+            "cert.pem": material.cert_pem(),
+            "chain.pem": material.chain_pem(),
+            "fullchain.pem": material.fullchain_pem(),
+            "privkey.pem": material.key_pem(),
+        }
+        if self.pfx:
+            files["bundle.pfx"] = material.to_pkcs12()
+        return files
+
+    def _check_link_is_ours(self, link: str, base: str, fd: int, directory: Path) -> None:
+        info = self._lstat(link, fd)
+        if info is None:
+            return
+        if not stat.S_ISLNK(info.st_mode):
+            raise StoreError(
+                f"{directory / link} exists and is not a symlink kvcertsync made: refusing to "
+                "replace it"
+            )
+        target = os.readlink(link, dir_fd=fd)
+        if "/" in target or not target.startswith(f"{base}."):
+            raise StoreError(
+                f"{directory / link} points at {target!r}, which kvcertsync did not write: "
+                "refusing to replace it"
+            )
+
+    def _same_content(
+        self, entry: str, info: os.stat_result, contents: dict[str, bytes], fd: int
+    ) -> bool:
+        """An existing version entry is reused only if it is ours and holds exactly this."""
+        if info.st_uid != os.geteuid():
+            return False
+        try:
+            if "" in contents:
+                return stat.S_ISREG(info.st_mode) and self._read_regular(entry, fd) == contents[""]
+            if not stat.S_ISDIR(info.st_mode):
+                return False
+            with _open_dir(entry, fd) as sub:
+                return all(self._read_regular(name, sub) == data for name, data in contents.items())
+        except OSError:
+            return False
+
+    def _write_entry(
+        self, entry: str, contents: dict[str, bytes], acls: Sequence[Acl], fd: int
+    ) -> None:
+        temp = f"{_TEMP_PREFIX}{entry}.{secrets.token_hex(4)}"
+        try:
+            if "" in contents:
+                self._write_file(temp, contents[""], acls, fd)
+            else:
+                os.mkdir(temp, 0o700, dir_fd=fd)
+                with _open_dir(temp, fd) as sub:
+                    for name, data in contents.items():
+                        self._write_file(name, data, acls, sub)
+                    self._share(sub, acls, directory=True)
+                    _fsync_dir(sub)
+            os.rename(temp, entry, src_dir_fd=fd, dst_dir_fd=fd)
+        except BaseException:
+            self._remove(temp, fd)
+            raise
+
+    def _write_file(self, name: str, data: bytes, acls: Sequence[Acl], dir_fd: int) -> None:
+        # 0600 from the first instant; wider modes and groups are set before the rename makes
+        # the file visible under its real name.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        file_fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(file_fd, view) :]
+            self._share(file_fd, acls, directory=False)
+            os.fsync(file_fd)
+        finally:
+            os.close(file_fd)
+
+    def _share(self, fd: int, acls: Sequence[Acl], *, directory: bool) -> None:
+        """Apply the group/mode options, then the ``acls`` entries, to one open file or dir."""
+        mode = self.file_mode | (0o100 if directory else 0)
+        if directory and mode & 0o040:
+            mode |= 0o010
+        if self.gid is not None:
+            os.fchown(fd, -1, self.gid)
+        if mode != 0o600 or directory:
+            os.fchmod(fd, mode)
+        if acls:
+            # After the mode: a chmod would rewrite the ACL mask and silence the entries.
+            self._apply_acls(fd, acls, directory=directory)
+
+    def _apply_acls(self, fd: int, acls: Sequence[Acl], *, directory: bool) -> None:
+        entries = _acl_entries(acls, directory=directory)
+        setfacl = shutil.which("setfacl")
+        if setfacl is not None:
+            path = _fd_path(fd)
+            result = subprocess.run(
+                [setfacl, "-m", ",".join(entries), path],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if result.returncode == 0:
+                return
+            reason = result.stderr.strip() or f"exit status {result.returncode}"
+        else:
+            reason = "setfacl is not installed (Debian/Ubuntu: apt install acl)"
+        # Without POSIX ACLs, one group (and no users) can still be expressed by group ownership.
+        users = [a.user for a in acls if a.user]
+        groups = {a.group for a in acls if a.group}
+        if not users and len(groups) == 1:
+            gid = self._gid(groups.pop())
+            os.fchown(fd, -1, gid if gid is not None else -1)
+            os.fchmod(fd, 0o750 if directory else 0o640)
+            return
+        raise StoreError(
+            f"cannot grant read access to {', '.join(entries)}: {reason}; without POSIX ACLs "
+            "only a single group can be expressed (by group ownership)"
+        )
+
+    def _grant_directory(self, directory: Path, acls: Sequence[Acl]) -> None:
+        """Let the readers this store was told about traverse the directory (never write)."""
+        shared_group = self.gid is not None or self.file_mode & 0o040
+        if not acls and not shared_group:
+            return
+        with _open_dir(directory) as fd:
+            if shared_group:
+                if self.gid is not None:
+                    os.fchown(fd, -1, self.gid)
+                os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | 0o050)
+            if not acls:
+                return
+            setfacl = shutil.which("setfacl")
+            entries = [e.replace(":r", ":x") for e in _acl_entries(acls, directory=False)]
+            if setfacl is not None:
+                result = subprocess.run(
+                    [setfacl, "-m", ",".join(entries), _fd_path(fd)],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                if result.returncode == 0:
+                    return
+            # The files fell back to group ownership: the directory must let that group in.
+            group = next((a.group for a in acls if a.group), None)
+            if group is None:
+                raise StoreError(f"{directory}: cannot let {', '.join(entries)} traverse it")
+            os.fchown(fd, -1, self._gid(group) or -1)
+            os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | 0o050)
+
+    def _point(self, link: str, entry: str, fd: int) -> None:
+        """Swap ``link`` to ``entry`` with one rename of a fresh symlink over it."""
+        try:
+            if os.readlink(link, dir_fd=fd) == entry:
+                return
+        except (FileNotFoundError, OSError):
+            pass
+        temp = f"{_TEMP_PREFIX}{link}.{secrets.token_hex(4)}"
+        os.symlink(entry, temp, dir_fd=fd)
+        try:
+            os.rename(temp, link, src_dir_fd=fd, dst_dir_fd=fd)
+        except BaseException:
+            self._remove(temp, fd)
+            raise
+
+    def _prune(self, base: str, current: str, fd: int) -> None:
+        """Keep the newest ``keep_versions`` versions (the current one always); drop the rest."""
+        prefix = f"{base}."
+        linked = {current}
+        versions: list[tuple[int, str]] = []
+        now = time.time()
+        for name in os.listdir(fd):
+            info = self._lstat(name, fd)
+            if info is None or info.st_uid != os.geteuid():
+                continue
+            if name.startswith(_TEMP_PREFIX) and name[len(_TEMP_PREFIX) :].startswith(prefix):
+                if now - info.st_mtime > _STALE_TEMP_SECONDS:
+                    self._remove(name, fd)
+                continue
+            if stat.S_ISLNK(info.st_mode):
+                with contextlib.suppress(OSError):
+                    linked.add(os.readlink(name, dir_fd=fd))
+                continue
+            if name.startswith(prefix) and _VERSION.fullmatch(name[len(prefix) :]):
+                versions.append((info.st_mtime_ns, name))
+        versions.sort(reverse=True)
+        keep = {current}
+        for _, name in versions:
+            if len(keep) >= self.keep_versions:
+                break
+            keep.add(name)
+        for _, name in versions:
+            if name not in keep and name not in linked:
+                self._remove(name, fd)
+                logger.debug("removed superseded %s", name)
+
+    @staticmethod
+    def _remove(name: str, fd: int) -> None:
+        info = PemDirectoryStore._lstat(name, fd)
+        if info is None:
+            return
+        if stat.S_ISDIR(info.st_mode):
+            shutil.rmtree(name, dir_fd=fd)
+        else:
+            os.unlink(name, dir_fd=fd)
+
+
+def _fd_path(fd: int) -> str:
+    """A path naming an open descriptor of this process, for tools that take paths."""
+    return f"/proc/{os.getpid()}/fd/{fd}"
+
+
+def _acl_entries(acls: Sequence[Acl], *, directory: bool) -> list[str]:
+    perm = "rx" if directory else "r"
+    entries: list[str] = []
+    for acl in acls:
+        if acl.user:
+            _check_user(acl.user)
+            entries.append(f"u:{acl.user}:{perm}")
+        if acl.group:
+            _check_group(acl.group)
+            entries.append(f"g:{acl.group}:{perm}")
+    return entries
+
+
+def _check_user(user: str) -> None:
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        raise StoreError(f"acls: user {user!r} does not exist on this machine") from None
+
+
+def _check_group(group: str) -> None:
+    try:
+        grp.getgrnam(group)
+    except KeyError:
+        raise StoreError(f"acls: group {group!r} does not exist on this machine") from None
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"

@@ -1,0 +1,406 @@
+"""PemDirectoryStore on a real file system, checked with openssl, nginx and SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from kvcertsync.emulator import TestAuthority
+from kvcertsync.engine import CertSync
+from kvcertsync.errors import StoreError
+from kvcertsync.events import CertificateUpdated
+from kvcertsync.hooks import command_hook
+from kvcertsync.material import CertificateMaterial
+from kvcertsync.settings import Acl, ObservedCertificate
+from kvcertsync.sources import MemorySource
+from kvcertsync.stores.pemdir import PemDirectoryStore
+
+OPENSSL = shutil.which("openssl")
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+V1, V2, V3, V4 = (f"{i:032x}" for i in range(1, 5))
+URL = "https://myvault.vault.azure.net/secrets/web"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def ca() -> TestAuthority:
+    return TestAuthority(key="rsa")
+
+
+@pytest.fixture(scope="module")
+def material(ca: TestAuthority) -> CertificateMaterial:
+    return ca.issue(["www.example.com"], key="rsa", include_root=True)
+
+
+def observed(directory: Path, **options: object) -> ObservedCertificate:
+    return ObservedCertificate.of(URL, store_location=str(directory), **options)  # type: ignore[arg-type]
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def pem_blocks(data: bytes) -> list[str]:
+    return re.findall(r"-----BEGIN ([A-Z ]+)-----", data.decode())
+
+
+def run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+
+
+# ------------------------------------------------------------------------- layout
+
+
+@pytest.mark.anyio
+async def test_kvlinux_layout_files_modes_and_links(
+    tmp_path: Path, material: CertificateMaterial
+) -> None:
+    store_dir = tmp_path / "store"
+    store = PemDirectoryStore()
+    record = await store.install(observed(store_dir, symlink_name="web-current"), material, V1)
+    version_file = store_dir / f"myvault.web.{V1}"
+    link = store_dir / "myvault.web"
+    assert mode(store_dir) == 0o700
+    assert stat.S_ISREG(version_file.lstat().st_mode) and mode(version_file) == 0o600
+    assert os.readlink(link) == version_file.name  # relative: the directory can move
+    assert os.readlink(store_dir / "web-current") == version_file.name
+    data = link.read_bytes()
+    assert pem_blocks(data) == ["CERTIFICATE"] * 3 + ["PRIVATE KEY"]  # leaf, chain, root, key last
+    back = CertificateMaterial.from_secret(data)
+    assert back.thumbprint == material.thumbprint
+    assert [c.subject for c in back.chain] == [c.subject for c in material.chain]
+    assert record.version == V1 and record.thumbprint == material.thumbprint
+    assert record.location == str(link)
+    assert sorted(p.name for p in store_dir.iterdir()) == sorted(
+        ["myvault.web", "web-current", version_file.name]
+    )
+
+
+@pytest.mark.anyio
+async def test_split_layout_swaps_a_whole_directory(
+    tmp_path: Path, material: CertificateMaterial
+) -> None:
+    store = PemDirectoryStore(layout="split", pfx=True)
+    await store.install(observed(tmp_path), material, V1)
+    link = tmp_path / "myvault.web"
+    assert os.readlink(link) == f"myvault.web.{V1}"
+    version_dir = tmp_path / f"myvault.web.{V1}"
+    assert mode(version_dir) == 0o700
+    names = sorted(p.name for p in version_dir.iterdir())
+    assert names == ["bundle.pfx", "cert.pem", "chain.pem", "fullchain.pem", "privkey.pem"]
+    assert all(mode(version_dir / n) == 0o600 for n in names)
+    assert (link / "fullchain.pem").read_bytes() == material.fullchain_pem()
+    assert (link / "privkey.pem").read_bytes() == material.key_pem()
+    assert pem_blocks((link / "chain.pem").read_bytes()) == ["CERTIFICATE"] * 2
+
+
+@pytest.mark.skipif(OPENSSL is None, reason="openssl CLI not installed")
+@pytest.mark.anyio
+@pytest.mark.parametrize("layout", ["kvlinux", "split"])
+async def test_openssl_reads_and_verifies_both_layouts(
+    tmp_path: Path, ca: TestAuthority, layout: str
+) -> None:
+    material = ca.issue(["verify.example"], key="rsa")  # chain without the root, as usual
+    root = tmp_path / "root.pem"
+    root.write_bytes(ca.root_certificate.public_bytes(serialization.Encoding.PEM))
+    store = PemDirectoryStore(layout=layout)  # type: ignore[arg-type]
+    await store.install(observed(tmp_path / "s"), material, V1)
+    link = tmp_path / "s" / "myvault.web"
+    if layout == "kvlinux":
+        cert = key = link
+        (tmp_path / "chain.pem").write_bytes(material.chain_pem())
+        chain = tmp_path / "chain.pem"
+    else:
+        cert, key, chain = link / "cert.pem", link / "privkey.pem", link / "chain.pem"
+    assert OPENSSL is not None
+    verified = run(OPENSSL, "verify", "-CAfile", str(root), "-untrusted", str(chain), str(cert))
+    assert verified.returncode == 0, verified.stderr
+    subject = run(OPENSSL, "x509", "-in", str(cert), "-noout", "-subject")
+    assert "verify.example" in subject.stdout
+    key_text = run(OPENSSL, "pkey", "-in", str(key), "-pubout")
+    cert_key = run(OPENSSL, "x509", "-in", str(cert), "-noout", "-pubkey")
+    assert key_text.returncode == 0 and key_text.stdout == cert_key.stdout
+
+
+@pytest.mark.anyio
+async def test_installed_survives_a_restart_and_identical_installs_write_nothing(
+    tmp_path: Path, material: CertificateMaterial
+) -> None:
+    cert = observed(tmp_path)
+    assert await PemDirectoryStore().installed(cert) is None
+    first = await PemDirectoryStore().install(cert, material, V1)
+    version_file = tmp_path / f"myvault.web.{V1}"
+    before = version_file.stat()
+    again = await PemDirectoryStore().install(cert, material, V1)
+    after = version_file.stat()
+    assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
+    restarted = await PemDirectoryStore().installed(cert)
+    assert restarted == first == again
+
+
+@pytest.mark.anyio
+async def test_engine_restart_installs_nothing(
+    tmp_path: Path, material: CertificateMaterial
+) -> None:
+    source = MemorySource()
+    source.set(URL, material)
+    cert = observed(tmp_path)
+    first = await CertSync([cert], store=PemDirectoryStore(), source=source).sync_once()
+    second = await CertSync([cert], store=PemDirectoryStore(), source=source).sync_once()
+    assert len(first.updated) == 1 and len(second.unchanged) == 1
+
+
+@pytest.mark.anyio
+async def test_retention_keeps_the_newest_versions(tmp_path: Path, ca: TestAuthority) -> None:
+    store = PemDirectoryStore(keep_versions=2)
+    cert = observed(tmp_path)
+    for version in (V1, V2, V3, V4):
+        await store.install(cert, ca.issue(["r.example"]), version)
+        await anyio.sleep(0.01)  # distinct mtimes
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["myvault.web", f"myvault.web.{V3}", f"myvault.web.{V4}"]
+    assert os.readlink(tmp_path / "myvault.web") == f"myvault.web.{V4}"
+
+
+# ------------------------------------------------------------------------- hostile directories
+
+
+@pytest.mark.anyio
+async def test_world_writable_directory_is_refused(
+    tmp_path: Path, material: CertificateMaterial
+) -> None:
+    tmp_path.chmod(0o777)
+    with pytest.raises(StoreError, match=re.escape(str(tmp_path)) + ".*writable"):
+        await PemDirectoryStore().install(observed(tmp_path), material, V1)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a directory's owner needs root")
+@pytest.mark.anyio
+async def test_directory_owned_by_someone_else_is_refused(
+    tmp_path: Path, material: CertificateMaterial
+) -> None:
+    os.chown(tmp_path, 65534, -1)
+    with pytest.raises(StoreError, match="owned by"):
+        await PemDirectoryStore().install(observed(tmp_path), material, V1)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.anyio
+async def test_planted_symlinks_are_never_followed(
+    tmp_path: Path, material: CertificateMaterial
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    store_dir = tmp_path / "store"
+    store_dir.mkdir(mode=0o700)
+    (store_dir / f"myvault.web.{V1}").symlink_to(victim)
+    with pytest.raises(StoreError, match="refusing to replace"):
+        await PemDirectoryStore().install(observed(store_dir), material, V1)
+    assert victim.read_text() == "precious"
+
+    (store_dir / f"myvault.web.{V1}").unlink()
+    (store_dir / "myvault.web").symlink_to(victim)
+    with pytest.raises(StoreError, match="did not write"):
+        await PemDirectoryStore().install(observed(store_dir), material, V1)
+    assert victim.read_text() == "precious"
+    assert sorted(p.name for p in store_dir.iterdir()) == ["myvault.web"]
+
+
+@pytest.mark.anyio
+async def test_a_foreign_file_at_the_link_name_is_refused(
+    tmp_path: Path, material: CertificateMaterial
+) -> None:
+    (tmp_path / "myvault.web").write_text("someone else's file")
+    with pytest.raises(StoreError, match="not a symlink"):
+        await PemDirectoryStore().install(observed(tmp_path), material, V1)
+    assert (tmp_path / "myvault.web").read_text() == "someone else's file"
+
+
+def test_custom_link_names_cannot_escape(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        observed(tmp_path, symlink_name="../../etc/passwd")
+
+
+# ------------------------------------------------------------------------- sharing
+
+
+@pytest.mark.skipif(shutil.which("setfacl") is None, reason="setfacl (package acl) not installed")
+@pytest.mark.anyio
+async def test_acls_grant_read_access(tmp_path: Path, material: CertificateMaterial) -> None:
+    store = PemDirectoryStore()
+    await store.install(observed(tmp_path, acls=[Acl(user="nobody", group=None)]), material, V1)
+    acl = run("getfacl", "-p", str(tmp_path / f"myvault.web.{V1}")).stdout
+    assert "user:nobody:r--" in acl
+    assert "user:nobody:--x" in run("getfacl", "-p", str(tmp_path)).stdout
+    assert mode(tmp_path / f"myvault.web.{V1}") & 0o007 == 0  # nobody else
+
+
+@pytest.mark.anyio
+async def test_acls_without_setfacl_fall_back_to_the_group_or_say_why(
+    tmp_path: Path, material: CertificateMaterial, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_which = shutil.which
+    monkeypatch.setattr(
+        shutil, "which", lambda n, *a, **k: None if n == "setfacl" else real_which(n)
+    )
+    group_dir = tmp_path / "g"
+    await PemDirectoryStore().install(
+        observed(group_dir, acls=[Acl(user=None, group="nogroup")]), material, V1
+    )
+    version_file = group_dir / f"myvault.web.{V1}"
+    assert mode(version_file) == 0o640 and version_file.stat().st_gid == 65534
+    assert mode(group_dir) & 0o050 == 0o050
+    with pytest.raises(StoreError, match="setfacl is not installed"):
+        await PemDirectoryStore().install(
+            observed(tmp_path / "u", acls=[Acl(user="nobody", group=None)]), material, V1
+        )
+
+
+@pytest.mark.anyio
+async def test_unknown_acl_user_is_named(tmp_path: Path, material: CertificateMaterial) -> None:
+    with pytest.raises(StoreError, match="no-such-user"):
+        await PemDirectoryStore().install(
+            observed(tmp_path, acls=[Acl(user="no-such-user", group=None)]), material, V1
+        )
+
+
+@pytest.mark.anyio
+async def test_group_and_file_mode_options(tmp_path: Path, material: CertificateMaterial) -> None:
+    store = PemDirectoryStore(layout="split", group="nogroup", file_mode=0o640)
+    await store.install(observed(tmp_path / "s"), material, V1)
+    key = tmp_path / "s" / f"myvault.web.{V1}" / "privkey.pem"
+    assert mode(key) == 0o640 and key.stat().st_gid == 65534
+    assert mode(key.parent) == 0o750 and mode(tmp_path / "s") & 0o050 == 0o050
+    with pytest.raises(ValueError, match="file_mode"):
+        PemDirectoryStore(file_mode=0o644)
+
+
+# ------------------------------------------------------------------------- crash safety
+
+
+@pytest.mark.parametrize("layout", ["kvlinux", "split"])
+def test_sigkill_at_any_instant_leaves_complete_versions(tmp_path: Path, layout: str) -> None:
+    worker = Path(__file__).parent / "helpers" / "pemdir_worker.py"
+    rng = random.Random(layout)
+    store_dir = tmp_path / "store"
+    for _ in range(15):
+        process = subprocess.Popen(
+            [sys.executable, str(worker), str(store_dir), layout],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.0, 0.25))
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        # Every name a reader can see (links and version entries, not temporaries) is whole.
+        visible = [p for p in store_dir.iterdir() if not p.name.startswith(".kvcertsync-tmp-")]
+        names = {p.name for p in visible}
+        assert {"crashvault.cert0", "crashvault.cert1", "alias0", "alias1"} <= names
+        for target in visible:
+            if layout == "kvlinux":
+                material = CertificateMaterial.from_secret(target.read_bytes())
+            else:
+                full = (target / "fullchain.pem").read_bytes()
+                key = (target / "privkey.pem").read_bytes()
+                material = CertificateMaterial.from_secret(full + key)
+                assert (target / "cert.pem").read_bytes() == material.cert_pem()
+            assert material.dns_names[0].startswith("host")
+
+
+# ------------------------------------------------------------------------- nginx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def served_serial(port: int) -> int | None:
+    assert OPENSSL is not None
+    hello = subprocess.run(
+        [OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "www.example.com"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    serial = subprocess.run(
+        [OPENSSL, "x509", "-noout", "-serial"], input=hello.stdout, capture_output=True, text=True
+    )
+    text = serial.stdout.strip().removeprefix("serial=")
+    return int(text, 16) if text else None
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx not installed (apt-get install nginx)")
+@pytest.mark.skipif(OPENSSL is None, reason="openssl CLI not installed")
+@pytest.mark.anyio
+@pytest.mark.parametrize("layout", ["kvlinux", "split"])
+async def test_nginx_serves_the_store_and_reloads_on_rotation(
+    tmp_path: Path, ca: TestAuthority, layout: str
+) -> None:
+    assert NGINX is not None
+    store_dir = tmp_path / "certs"
+    link = store_dir / "myvault.web"
+    cert, key = (
+        (link, link) if layout == "kvlinux" else (link / "fullchain.pem", link / "privkey.pem")
+    )
+    port = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        f"""
+        daemon on; pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;
+        events {{}}
+        http {{
+          access_log off;
+          client_body_temp_path {tmp_path}; proxy_temp_path {tmp_path};
+          fastcgi_temp_path {tmp_path}; uwsgi_temp_path {tmp_path}; scgi_temp_path {tmp_path};
+          server {{
+            listen 127.0.0.1:{port} ssl;
+            ssl_certificate {cert}; ssl_certificate_key {key};
+            return 200 "ok";
+          }}
+        }}
+        """
+    )
+    nginx = [NGINX, "-p", str(tmp_path), "-c", str(conf)]
+    source = MemorySource()
+    first = ca.issue(["www.example.com"], key="rsa")
+    source.set(URL, first)
+    store = PemDirectoryStore(layout=layout)  # type: ignore[arg-type]
+    sync = CertSync([observed(store_dir)], store=store, source=source)
+    await sync.sync_once()
+    started = run(*nginx)
+    assert started.returncode == 0, started.stderr + (tmp_path / "error.log").read_text()
+    try:
+        assert served_serial(port) == first.serial_number
+        sync.subscribe(command_hook([*nginx, "-s", "reload"]), CertificateUpdated)
+        second = ca.issue(["www.example.com"], key="rsa")
+        source.rotate(URL, second)
+        async with sync:
+            await sync.refresh()
+            with anyio.fail_after(15):  # the reload is asynchronous in nginx: poll for it
+                while served_serial(port) != second.serial_number:  # noqa: ASYNC110
+                    await anyio.sleep(0.2)
+    finally:
+        run(*nginx, "-s", "quit")
