@@ -12,12 +12,12 @@ from typing import Any
 
 from azure.core.credentials_async import AsyncTokenCredential
 
-from kvcertsync.errors import StoreError
 from kvcertsync.settings import AgentSettings
 from kvcertsync.sources.base import SecretSource
 from kvcertsync.sources.keyvault import KeyVaultSource
 from kvcertsync.stores.base import Store
 from kvcertsync.stores.pemdir import PemDirectoryStore
+from kvcertsync.stores.windows import WindowsCertStore
 
 __all__ = ["source_from_settings", "store_from_settings"]
 
@@ -32,9 +32,10 @@ def source_from_settings(
 def store_from_settings(settings: AgentSettings) -> Store:
     """The store the platform and the certificates' locations call for.
 
-    Elsewhere than Windows that is a PemDirectoryStore: certificates whose location is a
-    directory go there, the others to the Linux extension's default directory, as it does.
+    On Windows, the certificate store (crypt32). Elsewhere a PemDirectoryStore: certificates
+    whose location is a directory go there, the others to the Linux extension's default
+    directory, as it does.
     """
     if sys.platform == "win32":
-        raise StoreError("the Windows certificate store is not available yet: pass store=")
+        return WindowsCertStore.from_settings(settings)
     return PemDirectoryStore.from_settings(settings)

@@ -33,7 +33,7 @@ from kvcertsync.limits import RetryPolicy, VaultLimiter
 from kvcertsync.material import CertificateMaterial
 from kvcertsync.settings import ObservedCertificate
 from kvcertsync.sources.base import SecretSource, SecretVersion
-from kvcertsync.stores.base import InstalledCertificate, Store
+from kvcertsync.stores.base import InstalledCertificate, InstallIncomplete, Store
 from kvcertsync.uri import SecretUri
 
 if TYPE_CHECKING:
@@ -644,7 +644,20 @@ class CertSync:
         )
         # Shielded: leaving ``async with`` never interrupts an install halfway.
         with anyio.CancelScope(shield=True):
-            installed = await self.store.install(observed, material, fetched.version)
+            try:
+                installed = await self.store.install(observed, material, fetched.version)
+            except InstallIncomplete as incomplete:
+                # In place and current, with a later step failed: announce it, then report.
+                entry.installed = incomplete.installed
+                self._announce(entry, current, incomplete.installed)
+                raise
+        entry.installed = installed
+        self._announce(entry, current, installed)
+        return PollResult(entry.uri, Outcome.UPDATED, installed)
+
+    def _announce(
+        self, entry: _Entry, previous: InstalledCertificate | None, installed: InstalledCertificate
+    ) -> None:
         logger.info(
             "installed %s version %s (thumbprint %s) at %s",
             entry.uri,
@@ -655,14 +668,13 @@ class CertSync:
         self._bus.publish(
             CertificateUpdated(
                 uri=entry.uri,
-                previous_version=current.version if current is not None else None,
+                previous_version=previous.version if previous is not None else None,
                 version=installed.version,
                 thumbprint=installed.thumbprint,
                 not_after=installed.not_after,
                 location=installed.location,
             )
         )
-        return PollResult(entry.uri, Outcome.UPDATED, installed)
 
     def _failed(self, entry: _Entry, error: Exception) -> tuple[PollResult, float]:
         if isinstance(error, KvCertSyncError):

@@ -773,3 +773,29 @@ async def test_fake_clock_forgets_cancelled_sleepers() -> None:
     with anyio.move_on_after(0.01):
         await clock.sleep_until(100)
     assert clock.next_deadline is None
+
+
+async def test_an_incomplete_install_is_announced_and_reported(
+    material: CertificateMaterial,
+) -> None:
+    from kvcertsync.stores import InstallIncomplete
+
+    class PartlyFailing(MemoryStore):
+        async def install(
+            self, observed: ObservedCertificate, material: CertificateMaterial, version: str
+        ) -> InstalledCertificate:
+            record = await super().install(observed, material, version)
+            raise InstallIncomplete(record, ["account 'IIS AppPool\\\\Nope' does not exist"])
+
+    source = MemorySource()
+    url = urls(1)[0]
+    version = source.set(url, material)
+    sync = CertSync([url], store=PartlyFailing(), source=source)
+    events = collect(sync)
+    first = await sync.sync_once()
+    second = await sync.sync_once()
+    assert first.failed and "Nope" in str(first.failed[0].error)
+    assert second.unchanged  # it is in place: the next poll finds it current
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[:2] == ["CertificateUpdated", "SyncFailed"]
+    assert events[0].version == version  # type: ignore[attr-defined]

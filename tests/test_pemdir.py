@@ -313,7 +313,7 @@ def test_sigkill_at_any_instant_leaves_complete_versions(tmp_path: Path, layout:
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
         # Every name a reader can see (links and version entries, not temporaries) is whole.
-        visible = [p for p in store_dir.iterdir() if not p.name.startswith(".kvcertsync-tmp-")]
+        visible = [p for p in store_dir.iterdir() if not p.name.startswith(".kvcertsync-")]
         names = {p.name for p in visible}
         assert {"crashvault.cert0", "crashvault.cert1", "alias0", "alias1"} <= names
         for target in visible:

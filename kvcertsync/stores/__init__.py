@@ -1,7 +1,15 @@
 """Where certificates go: the Store protocol and its implementations."""
 
-from kvcertsync.stores.base import InstalledCertificate, Store
+from kvcertsync.stores.base import InstalledCertificate, InstallIncomplete, Store
 from kvcertsync.stores.memory import MemoryStore
 from kvcertsync.stores.pemdir import PemDirectoryStore
+from kvcertsync.stores.windows import WindowsCertStore
 
-__all__ = ["InstalledCertificate", "MemoryStore", "PemDirectoryStore", "Store"]
+__all__ = [
+    "InstallIncomplete",
+    "InstalledCertificate",
+    "MemoryStore",
+    "PemDirectoryStore",
+    "Store",
+    "WindowsCertStore",
+]

@@ -48,6 +48,8 @@ Layout = Literal["kvlinux", "split"]
 _VERSION = re.compile(r"[0-9a-f]{32}")
 _LINK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 _TEMP_PREFIX = ".kvcertsync-tmp-"
+# Versions on their way out: renamed first, so a crash mid-delete leaves no half version visible.
+_TRASH_PREFIX = ".kvcertsync-trash-"
 # A temporary entry older than this belongs to a process that died mid-write.
 _STALE_TEMP_SECONDS = 600.0
 _SPLIT_FILES = ("cert.pem", "chain.pem", "fullchain.pem", "privkey.pem")
@@ -151,7 +153,7 @@ class PemDirectoryStore:
         links = [base]
         custom = observed.symlink_name
         if custom is not None:
-            if not _LINK_NAME.fullmatch(custom) or custom.startswith(_TEMP_PREFIX):
+            if not _LINK_NAME.fullmatch(custom):
                 raise StoreError(
                     f"{observed.uri}: customSymbolicLinkName {custom!r} is not a safe name"
                 )
@@ -490,6 +492,9 @@ class PemDirectoryStore:
             info = self._lstat(name, fd)
             if info is None or info.st_uid != os.geteuid():
                 continue
+            if name.startswith(_TRASH_PREFIX) and name[len(_TRASH_PREFIX) :].startswith(prefix):
+                self._remove(name, fd)  # left by a crash in the middle of a delete
+                continue
             if name.startswith(_TEMP_PREFIX) and name[len(_TEMP_PREFIX) :].startswith(prefix):
                 if now - info.st_mtime > _STALE_TEMP_SECONDS:
                     self._remove(name, fd)
@@ -508,7 +513,9 @@ class PemDirectoryStore:
             keep.add(name)
         for _, name in versions:
             if name not in keep and name not in linked:
-                self._remove(name, fd)
+                trash = f"{_TRASH_PREFIX}{name}.{secrets.token_hex(4)}"
+                os.rename(name, trash, src_dir_fd=fd, dst_dir_fd=fd)
+                self._remove(trash, fd)
                 logger.debug("removed superseded %s", name)
 
     @staticmethod

@@ -1,0 +1,1201 @@
+"""WindowsCertStore against the faithful fake backend, and the crypt32 binding's declarations."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import NameOID
+
+from kvcertsync import CertSync, StoreError
+from kvcertsync.emulator.certs import TestAuthority
+from kvcertsync.material import CertificateMaterial
+from kvcertsync.settings import ObservedCertificate, parse_settings
+from kvcertsync.sources import MemorySource
+from kvcertsync.stores import _crypt32 as binding
+from kvcertsync.stores._fakewin import FakeCertificate, FakeWindowsCertBackend, virtual_account_sid
+from kvcertsync.stores.base import InstalledCertificate, Store
+from kvcertsync.stores.windows import (
+    InstallIncomplete,
+    Win32Error,
+    WindowsCertStore,
+    _grant_read_access,
+    _split_dacl,
+)
+
+pytestmark = pytest.mark.anyio
+
+URL = "https://myvault.vault.azure.net/secrets/web"
+OTHER_URL = "https://myvault.vault.azure.net/secrets/api"
+V1, V2, V3 = "1" * 32, "2" * 32, "3" * 32
+MY = "MY"
+LM = "LocalMachine"
+CU = "CurrentUser"
+ACCESS_DENIED = "error 5 (0x00000005): Access is denied."
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def ca() -> TestAuthority:
+    return TestAuthority("windows store test")
+
+
+@pytest.fixture
+def fake() -> FakeWindowsCertBackend:
+    return FakeWindowsCertBackend()
+
+
+@pytest.fixture
+def store(fake: FakeWindowsCertBackend) -> WindowsCertStore:
+    return WindowsCertStore(backend=fake)
+
+
+def observed(url: str = URL, **kwargs: object) -> ObservedCertificate:
+    return ObservedCertificate.of(url, **kwargs)
+
+
+def der_of(certificate: x509.Certificate) -> bytes:
+    return certificate.public_bytes(serialization.Encoding.DER)
+
+
+def thumbprints(fake: FakeWindowsCertBackend, location: str, name: str) -> set[str]:
+    return {cert.thumbprint for cert in fake.store(location, name)}
+
+
+# ================================================================ the binding (no Windows needed)
+
+# Transcribed from the Windows SDK 10.0.22621.0 headers: um/wincrypt.h, um/ncrypt.h, um/winnt.h,
+# shared/sddl.h, um/winbase.h, shared/winerror.h (cross-checked with mingw-w64-headers/include).
+SDK_CONSTANTS = {
+    # wincrypt.h
+    "CERT_STORE_PROV_SYSTEM_W": 10,  # ((LPCSTR) 10)
+    "CERT_SYSTEM_STORE_LOCATION_SHIFT": 16,
+    "CERT_SYSTEM_STORE_CURRENT_USER_ID": 1,
+    "CERT_SYSTEM_STORE_LOCAL_MACHINE_ID": 2,
+    "CERT_SYSTEM_STORE_CURRENT_USER": 1 << 16,
+    "CERT_SYSTEM_STORE_LOCAL_MACHINE": 2 << 16,
+    "CERT_STORE_OPEN_EXISTING_FLAG": 0x00004000,
+    "CERT_STORE_READONLY_FLAG": 0x00008000,
+    "X509_ASN_ENCODING": 0x00000001,
+    "PKCS_7_ASN_ENCODING": 0x00010000,
+    "CERT_COMPARE_SHIFT": 16,
+    "CERT_COMPARE_SHA1_HASH": 1,
+    "CERT_FIND_SHA1_HASH": 1 << 16,  # (CERT_COMPARE_SHA1_HASH << CERT_COMPARE_SHIFT)
+    "CERT_STORE_ADD_NEW": 1,
+    "CERT_STORE_ADD_USE_EXISTING": 2,
+    "CERT_STORE_ADD_REPLACE_EXISTING": 3,
+    "CERT_STORE_ADD_ALWAYS": 4,
+    "CERT_STORE_ADD_REPLACE_EXISTING_INHERIT_PROPERTIES": 5,
+    "CERT_KEY_PROV_INFO_PROP_ID": 2,
+    "CERT_SHA1_HASH_PROP_ID": 3,
+    "CERT_FRIENDLY_NAME_PROP_ID": 11,
+    "CERT_DESCRIPTION_PROP_ID": 13,
+    "CERT_RENEWAL_PROP_ID": 64,
+    "CRYPT_EXPORTABLE": 0x00000001,
+    "CRYPT_USER_PROTECTED": 0x00000002,
+    "CRYPT_MACHINE_KEYSET": 0x00000020,
+    "CRYPT_USER_KEYSET": 0x00001000,
+    "PKCS12_PREFER_CNG_KSP": 0x00000100,
+    "PKCS12_ALWAYS_CNG_KSP": 0x00000200,
+    "PKCS12_NO_PERSIST_KEY": 0x00008000,
+    "CRYPT_ACQUIRE_SILENT_FLAG": 0x00000040,
+    "CRYPT_ACQUIRE_ONLY_NCRYPT_KEY_FLAG": 0x00040000,
+    "CERT_NCRYPT_KEY_SPEC": 0xFFFFFFFF,
+    # ncrypt.h
+    "NCRYPT_SECURITY_DESCR_PROPERTY": "Security Descr",
+    "NCRYPT_SILENT_FLAG": 0x00000040,
+    "NCRYPT_PERSIST_FLAG": 0x80000000,
+    # winnt.h, sddl.h, winbase.h
+    "DACL_SECURITY_INFORMATION": 0x00000004,
+    "SDDL_REVISION_1": 1,
+    "FORMAT_MESSAGE_IGNORE_INSERTS": 0x00000200,
+    "FORMAT_MESSAGE_FROM_SYSTEM": 0x00001000,
+    # winerror.h
+    "ERROR_SUCCESS": 0,
+    "ERROR_FILE_NOT_FOUND": 2,
+    "ERROR_ACCESS_DENIED": 5,
+    "ERROR_INVALID_HANDLE": 6,
+    "ERROR_NO_MORE_FILES": 18,
+    "ERROR_INVALID_PASSWORD": 86,
+    "ERROR_INVALID_PARAMETER": 87,
+    "ERROR_INSUFFICIENT_BUFFER": 122,
+    "ERROR_NONE_MAPPED": 1332,
+    "NTE_PERM": 0x80090010,
+    "NTE_BAD_PROVIDER": 0x80090013,
+    "NTE_BAD_KEYSET": 0x80090016,
+    "CRYPT_E_NOT_FOUND": 0x80092004,
+    "CRYPT_E_EXISTS": 0x80092005,
+    "CRYPT_E_NO_KEY_PROPERTY": 0x8009200B,
+}
+
+# Parameter counts and DLLs from the functions' reference pages (learn.microsoft.com, "Syntax"
+# and "Requirements: DLL").
+SDK_FUNCTIONS = {
+    "CertOpenStore": ("crypt32", 5),
+    "CertCloseStore": ("crypt32", 2),
+    "PFXImportCertStore": ("crypt32", 3),
+    "CertFindCertificateInStore": ("crypt32", 6),
+    "CertEnumCertificatesInStore": ("crypt32", 2),
+    "CertFreeCertificateContext": ("crypt32", 1),
+    "CertGetCertificateContextProperty": ("crypt32", 4),
+    "CertSetCertificateContextProperty": ("crypt32", 4),
+    "CertAddCertificateContextToStore": ("crypt32", 4),
+    "CertAddEncodedCertificateToStore": ("crypt32", 6),
+    "CertDeleteCertificateFromStore": ("crypt32", 1),
+    "CryptAcquireCertificatePrivateKey": ("crypt32", 6),
+    "NCryptGetProperty": ("ncrypt", 6),
+    "NCryptSetProperty": ("ncrypt", 5),
+    "NCryptDeleteKey": ("ncrypt", 2),
+    "NCryptFreeObject": ("ncrypt", 1),
+    "LookupAccountNameW": ("advapi32", 7),
+    "ConvertSidToStringSidW": ("advapi32", 2),
+    "ConvertSecurityDescriptorToStringSecurityDescriptorW": ("advapi32", 5),
+    "ConvertStringSecurityDescriptorToSecurityDescriptorW": ("advapi32", 4),
+    "LocalFree": ("kernel32", 1),
+    "FormatMessageW": ("kernel32", 7),
+}
+
+_CTYPES_BASES = (
+    ctypes._SimpleCData,
+    ctypes._Pointer,
+    ctypes.Structure,
+    ctypes.Array,
+)
+
+
+@pytest.mark.parametrize("name", sorted(SDK_CONSTANTS))
+def test_constant_matches_sdk_header(name: str) -> None:
+    assert getattr(binding, name) == SDK_CONSTANTS[name]
+
+
+def test_every_function_has_restype_and_argtypes() -> None:
+    names = [proto.name for proto in binding.PROTOTYPES]
+    assert len(names) == len(set(names))
+    for proto in binding.PROTOTYPES:
+        assert proto.restype is not None, proto.name
+        assert isinstance(proto.argtypes, tuple), proto.name
+        for argtype in (proto.restype, *proto.argtypes):
+            assert isinstance(argtype, type), proto.name
+            assert issubclass(argtype, _CTYPES_BASES), (proto.name, argtype)
+        # ctypes itself accepts the signature (a bad type raises TypeError here).
+        ctypes.CFUNCTYPE(proto.restype, *proto.argtypes)
+
+
+def test_prototypes_match_sdk_signatures() -> None:
+    declared = {proto.name: (proto.dll, len(proto.argtypes)) for proto in binding.PROTOTYPES}
+    assert declared == SDK_FUNCTIONS
+
+
+def test_binding_calls_only_declared_functions() -> None:
+    source = Path(binding.__file__).read_text(encoding="utf-8")
+    called = set(re.findall(r"_api\.([A-Z]\w+)", source))
+    assert called == {proto.name for proto in binding.PROTOTYPES}
+
+
+def test_bind_applies_every_prototype_to_its_library() -> None:
+    class Library:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __getattr__(self, name: str) -> object:
+            function = type("Function", (), {})()
+            function.library = self.name
+            object.__setattr__(self, name, function)
+            return function
+
+    opened: list[str] = []
+
+    def open_library(name: str) -> Library:
+        opened.append(name)
+        return Library(name)
+
+    api = binding.bind(open_library)
+    assert sorted(opened) == ["advapi32", "crypt32", "kernel32", "ncrypt"]
+    for proto in binding.PROTOTYPES:
+        function = getattr(api, proto.name)
+        assert function.library == proto.dll
+        assert function.restype is proto.restype
+        assert function.argtypes == proto.argtypes
+    with pytest.raises(AttributeError, match="not in PROTOTYPES"):
+        _ = api.CertOpenStoreA
+
+
+def test_binding_imports_and_selects_nothing_at_import() -> None:
+    # A fresh interpreter in which loading any shared library through ctypes fails loudly.
+    script = (
+        "import ctypes\n"
+        "def refuse(self, *args, **kwargs):\n"
+        "    raise AssertionError(f'library loaded at import time: {args}')\n"
+        "ctypes.CDLL.__init__ = refuse\n"
+        "import kvcertsync.stores, kvcertsync.stores.windows, kvcertsync.stores._fakewin\n"
+        "import kvcertsync.stores._crypt32 as binding\n"
+        "assert binding._loaded is None\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="checks the non-Windows path")
+def test_load_outside_windows_raises_oserror() -> None:
+    with pytest.raises(OSError, match=r"crypt32\.dll is a Windows library"):
+        binding.load()
+    assert binding._loaded is None
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="checks the non-Windows path")
+def test_store_without_backend_needs_windows() -> None:
+    with pytest.raises(StoreError, match="needs Windows"):
+        WindowsCertStore()
+
+
+@pytest.mark.skipif(ctypes.sizeof(ctypes.c_void_p) != 8, reason="x64 layout")
+def test_struct_layouts_match_x64() -> None:
+    # wincrypt.h on x64: DWORD, (pad), BYTE*, DWORD, (pad), PCERT_INFO, HCERTSTORE.
+    assert ctypes.sizeof(binding.CERT_CONTEXT) == 40
+    assert binding.CERT_CONTEXT.pbCertEncoded.offset == 8
+    assert binding.CERT_CONTEXT.cbCertEncoded.offset == 16
+    assert binding.CERT_CONTEXT.hCertStore.offset == 32
+    assert ctypes.sizeof(binding.CRYPT_DATA_BLOB) == 16
+    assert binding.CRYPT_DATA_BLOB.pbData.offset == 8
+    assert ctypes.sizeof(binding.DWORD) == 4
+    assert ctypes.sizeof(binding.ULONG_PTR) == 8
+
+
+def test_win32_error_formats_codes_and_hresults() -> None:
+    error = Win32Error(5, "Access is denied.", "CertOpenStore")
+    assert str(error) == f"CertOpenStore failed with {ACCESS_DENIED}"
+    assert error.code == error.winerror == 5
+    hresult = Win32Error(-2146885628, "Cannot find object or property.")
+    assert hresult.code == 0x80092004
+    assert str(hresult) == "error 0x80092004: Cannot find object or property."
+
+
+def test_stores_package_imports_without_windows() -> None:
+    import kvcertsync.stores as stores
+
+    assert stores.Store is Store
+
+
+# ===================================================================== install: where things go
+
+
+async def test_default_target_is_local_machine_my(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    material = ca.issue(["www.example.com"])
+    record = await store.install(observed(), material, V1)
+    assert record == InstalledCertificate(
+        uri=observed().uri,
+        version=V1,
+        thumbprint=material.thumbprint,
+        not_after=material.not_after,
+        location="LocalMachine\\MY",
+    )
+    (cert,) = fake.store(LM, MY)
+    assert cert.thumbprint == material.thumbprint
+    assert cert.friendly_name == "myvault.web"
+    key = fake.key_of(cert)
+    assert key is not None and key.machine and key.provider.endswith("Key Storage Provider")
+    assert fake.store(CU, MY) == []
+
+
+async def test_current_user_and_any_store_name(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    material = ca.issue(["www.example.com"])
+    target = observed(store_name="WebHosting", store_location=CU)
+    record = await store.install(target, material, V1)
+    assert record.location == "CurrentUser\\WebHosting"
+    assert thumbprints(fake, CU, "WebHosting") == {material.thumbprint}
+    intermediate = ca.intermediate.certificate.public_bytes(serialization.Encoding.DER)
+    assert [cert.der for cert in fake.store(CU, "CA")] == [intermediate]
+    assert fake.store_names(LM) == []
+    (flags,) = [record.flags for record in fake.imports]
+    assert flags & binding.CRYPT_USER_KEYSET and not flags & binding.CRYPT_MACHINE_KEYSET
+    (cert,) = fake.store(CU, "WebHosting")
+    key = fake.key_of(cert)
+    assert key is not None and not key.machine
+
+
+async def test_store_names_are_case_insensitive(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    await store.install(observed(store_name="my"), ca.issue(), V1)
+    assert fake.store_names(LM) == ["CA", "MY"]
+    current = await store.installed(observed(store_name="My"))
+    assert current is not None and current.location == "LocalMachine\\My"
+
+
+async def test_chain_goes_to_ca_store_and_root_never_installed(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    material = ca.issue(["www.example.com"], include_root=True)
+    root = ca.root_certificate.public_bytes(serialization.Encoding.DER)
+    intermediate = ca.intermediate.certificate.public_bytes(serialization.Encoding.DER)
+    await store.install(observed(), material, V1)
+    assert [cert.der for cert in fake.store(LM, "CA")] == [intermediate]
+    assert thumbprints(fake, LM, MY) == {material.thumbprint}
+    assert "ROOT" not in fake.store_names(LM) and "AUTHROOT" not in fake.store_names(LM)
+    everything = [cert.der for name in fake.store_names(LM) for cert in fake.store(LM, name)]
+    assert root not in everything
+    # Not even crypt32's temporary import store saw the root.
+    (imported,) = fake.imports
+    assert imported.thumbprints[0] == material.thumbprint
+    assert len(imported.thumbprints) == 2
+
+
+async def test_existing_intermediate_is_kept_as_is(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    fake.add(LM, "CA", ca.intermediate.certificate, friendly_name="set by the admin")
+    await store.install(observed(), ca.issue(), V1)
+    (cert,) = fake.store(LM, "CA")
+    assert cert.friendly_name == "set by the admin"
+
+
+@pytest.mark.parametrize("exportable", [False, True])
+async def test_key_flags(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority, exportable: bool
+) -> None:
+    await store.install(observed(key_exportable=exportable), ca.issue(), V1)
+    (imported,) = fake.imports
+    assert bool(imported.flags & binding.CRYPT_EXPORTABLE) is exportable
+    assert imported.flags & binding.CRYPT_MACHINE_KEYSET
+    assert imported.flags & binding.PKCS12_PREFER_CNG_KSP
+    assert not imported.flags & binding.PKCS12_NO_PERSIST_KEY  # keys persisted
+    assert not imported.flags & binding.CRYPT_USER_PROTECTED  # no UI in a service
+    (cert,) = fake.store(LM, MY)
+    key = fake.key_of(cert)
+    assert key is not None and key.exportable is exportable
+
+
+async def test_the_pfx_handed_to_crypt32_is_protected_and_complete(
+    ca: TestAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[bytes, str]] = []
+    fake = FakeWindowsCertBackend()
+    original = fake.import_pfx
+
+    def spy(pfx: bytes, password: str, flags: int) -> object:
+        seen.append((pfx, password))
+        return original(pfx, password, flags)
+
+    monkeypatch.setattr(fake, "import_pfx", spy)
+    material = ca.issue(include_root=True)
+    await WindowsCertStore(backend=fake).install(observed(), material, V1)
+    ((pfx, password),) = seen
+    assert password
+    with pytest.raises(ValueError):
+        pkcs12.load_pkcs12(pfx, b"")
+    loaded = pkcs12.load_pkcs12(pfx, password.encode())
+    assert loaded.cert is not None and loaded.cert.certificate == material.certificate
+    assert [bag.certificate for bag in loaded.additional_certs] == [ca.intermediate.certificate]
+
+
+async def test_eddsa_keys_are_refused_before_touching_windows(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend
+) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ed.example.com")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, None)
+    )
+    with pytest.raises(StoreError, match=r"LocalMachine\\MY: .*RSA and ECDSA"):
+        await store.install(observed(), CertificateMaterial(private_key=key, certificate=cert), V1)
+    assert fake.imports == []
+
+
+async def test_directory_location_is_refused(store: WindowsCertStore, ca: TestAuthority) -> None:
+    target = observed(store_location="/var/lib/certs")
+    with pytest.raises(StoreError, match="not a Windows store location"):
+        await store.install(target, ca.issue(), V1)
+    with pytest.raises(StoreError, match="not a Windows store location"):
+        await store.installed(target)
+
+
+async def test_backend_work_runs_in_worker_threads(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    await store.install(observed(accounts=["Network Service"]), ca.issue(), V1)
+    await store.installed(observed())
+    loop_thread = threading.get_ident()
+    assert fake.calls
+    assert all(thread != loop_thread for _, thread in fake.calls)
+
+
+# ========================================================================= identity and restart
+
+
+async def test_identity_is_recorded_and_found_after_restart(
+    fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    material = ca.issue()
+    first = await WindowsCertStore(backend=fake).install(observed(), material, V1)
+    (cert,) = fake.store(LM, MY)
+    assert cert.description is not None
+    assert re.fullmatch(
+        rf"kvcertsync: {re.escape(URL)}/{V1} installed \d{{4}}-.*Z", cert.description
+    )
+    restarted = WindowsCertStore(backend=fake)
+    assert await restarted.installed(observed()) == first
+    assert await restarted.installed(observed(OTHER_URL)) is None
+
+
+async def test_installed_on_a_missing_store_creates_nothing(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend
+) -> None:
+    assert await store.installed(observed(store_name="NeverUsed")) is None
+    assert fake.store_names(LM) == []
+
+
+async def test_engine_restart_reinstalls_nothing(
+    fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    source = MemorySource()
+    version = source.set(URL, ca.issue())
+    first = CertSync([observed()], store=WindowsCertStore(backend=fake), source=source)
+    report = await first.sync_once()
+    assert [r.installed.version for r in report.updated if r.installed] == [version]
+    again = CertSync([observed()], store=WindowsCertStore(backend=fake), source=source)
+    report = await again.sync_once()
+    assert len(report.unchanged) == 1 and not report.updated
+    assert len(fake.imports) == 1
+
+
+async def test_old_versions_stay_and_the_newest_install_is_current(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    v1 = ca.issue()
+    # Enumeration is by thumbprint: make the newer certificate enumerate first.
+    v2 = ca.issue()
+    while v2.thumbprint > v1.thumbprint:
+        v2 = ca.issue()
+    await store.install(observed(), v1, V1)
+    await store.install(observed(), v2, V2)
+    assert [cert.thumbprint for cert in fake.store(LM, MY)] == [v2.thumbprint, v1.thumbprint]
+    current = await store.installed(observed())
+    assert current is not None and (current.version, current.thumbprint) == (V2, v2.thumbprint)
+
+
+async def test_same_certificate_reinstalled_replaces_it(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    material = ca.issue()
+    newer = ca.issue()
+    await store.install(observed(), material, V1)
+    fake.set_property(LM, MY, material.thumbprint, binding.CERT_RENEWAL_PROP_ID, b"\1" * 20)
+    await store.install(observed(), newer, V2)
+    await store.install(observed(), material, V3)  # a rollback: a new version, the old bytes
+    assert len(fake.store(LM, MY)) == 2
+    cert = fake.find(LM, MY, material.thumbprint)
+    assert cert is not None and cert.renewal is None  # replaced with its properties
+    assert cert.description is not None and cert.description.count("kvcertsync:") == 1
+    current = await store.installed(observed())
+    assert current is not None and (current.version, current.thumbprint) == (
+        V3,
+        material.thumbprint,
+    )
+
+
+async def test_one_certificate_shared_by_two_secrets_keeps_both_identities(
+    store: WindowsCertStore, ca: TestAuthority
+) -> None:
+    material = ca.issue()
+    await store.install(observed(), material, V1)
+    await store.install(observed(OTHER_URL), material, V2)
+    web = await store.installed(observed())
+    api = await store.installed(observed(OTHER_URL))
+    assert web is not None and web.version == V1
+    assert api is not None and api.version == V2
+
+
+async def test_foreign_descriptions_are_not_identities(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    fake.add(LM, MY, ca.issue(), description="renewed by hand")
+    fake.add(LM, MY, ca.issue(), description=f"kvcertsync: {URL} installed yesterday")
+    fake.add(LM, MY, ca.issue(), description=f"kvcertsync: {URL} installed 2024-01-01T00:00:00.0Z")
+    assert await store.installed(observed()) is None
+
+
+async def test_remove_superseded_deletes_only_our_older_versions(
+    fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    store = WindowsCertStore(backend=fake, remove_superseded=True)
+    someone_elses = fake.add(LM, MY, ca.issue(["www.example.com"]))
+    other_secret = ca.issue(["api.example.com"])
+    await store.install(observed(OTHER_URL), other_secret, V1)
+    v1 = ca.issue(["www.example.com"])
+    await store.install(observed(), v1, V1)
+    old_key = fake.find(LM, MY, v1.thumbprint).key_name
+    v2 = ca.issue(["www.example.com"])
+    await store.install(observed(), v2, V2)
+    assert thumbprints(fake, LM, MY) == {
+        someone_elses.thumbprint,
+        other_secret.thumbprint,
+        v2.thumbprint,
+    }
+    assert old_key not in fake.keys
+
+
+async def test_remove_superseded_keeps_a_certificate_another_secret_uses(
+    fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    store = WindowsCertStore(backend=fake, remove_superseded=True)
+    shared = ca.issue()
+    await store.install(observed(), shared, V1)
+    await store.install(observed(OTHER_URL), shared, V1)
+    await store.install(observed(), ca.issue(), V2)
+    cert = fake.find(LM, MY, shared.thumbprint)
+    assert cert is not None and cert.description is not None
+    assert OTHER_URL in cert.description and f"{URL}/" not in cert.description
+    api = await store.installed(observed(OTHER_URL))
+    assert api is not None and api.thumbprint == shared.thumbprint
+
+
+def test_option_validation(fake: FakeWindowsCertBackend) -> None:
+    with pytest.raises(ValueError, match="choose one"):
+        WindowsCertStore(backend=fake, link_on_renewal=True, remove_superseded=True)
+    with pytest.raises(ValueError, match="link_scope"):
+        WindowsCertStore(backend=fake, link_scope="all")
+
+
+def test_from_settings_reads_link_on_renewal(fake: FakeWindowsCertBackend) -> None:
+    settings = parse_settings(
+        {"secretsManagementSettings": {"linkOnRenewal": True, "observedCertificates": [URL]}}
+    )
+    store = WindowsCertStore.from_settings(settings, backend=fake, link_scope="managed")
+    assert store.link_on_renewal and store.link_scope == "managed"
+    assert isinstance(store, Store)
+
+
+# ============================================================================== linkOnRenewal
+
+LINK_CASES = [
+    # (names on the existing certificate, linked?)
+    (["www.example.com"], True),  # subset
+    (["www.example.com", "example.com"], True),  # same set
+    (["WWW.Example.COM"], True),  # DNS names compare case-insensitively
+    (["www.example.com", "example.com", "extra.example.com"], False),  # superset
+    (["www.example.com", "other.example.org"], False),  # overlap only
+    (["unrelated.example.net"], False),  # disjoint
+    ([], False),  # no DNS SAN at all
+]
+
+
+@pytest.mark.parametrize(("names", "linked"), LINK_CASES)
+async def test_link_on_renewal_san_scope(
+    fake: FakeWindowsCertBackend, ca: TestAuthority, names: list[str], linked: bool
+) -> None:
+    store = WindowsCertStore(backend=fake, link_on_renewal=True)
+    existing = fake.add(LM, MY, ca.issue(names))
+    elsewhere = fake.add(LM, "WebHosting", ca.issue(names))
+    new = ca.issue(["www.example.com", "example.com"])
+    await store.install(observed(), new, V1)
+    assert existing.renewal == (new.thumbprint if linked else None)
+    assert elsewhere.renewal is None  # only the target store
+    assert fake.find(LM, MY, new.thumbprint).renewal is None
+
+
+async def test_link_on_renewal_skips_unreadable_certificates(
+    fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    store = WindowsCertStore(backend=fake, link_on_renewal=True)
+    junk = fake.add(LM, MY, b"\x30\x03\x02\x01\x00")
+    await store.install(observed(), ca.issue(["www.example.com"]), V1)
+    assert junk.renewal is None
+
+
+async def test_link_on_renewal_off_links_nothing(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    existing = fake.add(LM, MY, ca.issue(["www.example.com"]))
+    await store.install(observed(), ca.issue(["www.example.com"]), V1)
+    assert existing.renewal is None
+
+
+async def test_link_on_renewal_relinks_every_older_version(
+    fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    store = WindowsCertStore(backend=fake, link_on_renewal=True)
+    versions = [ca.issue(["www.example.com"]) for _ in range(3)]
+    for material, version in zip(versions, (V1, V2, V3), strict=True):
+        await store.install(observed(), material, version)
+    newest = versions[-1].thumbprint
+    renewals = {cert.thumbprint: cert.renewal for cert in fake.store(LM, MY)}
+    assert renewals == {
+        versions[0].thumbprint: newest,
+        versions[1].thumbprint: newest,
+        newest: None,
+    }
+
+
+async def test_link_scope_managed_links_only_our_own_versions(
+    fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    store = WindowsCertStore(backend=fake, link_on_renewal=True, link_scope="managed")
+    foreign = fake.add(LM, MY, ca.issue(["www.example.com"]))
+    other_secret = ca.issue(["www.example.com"])
+    await store.install(observed(OTHER_URL), other_secret, V1)
+    v1 = ca.issue(["www.example.com"])
+    await store.install(observed(), v1, V1)
+    v2 = ca.issue(["www.example.com"])
+    await store.install(observed(), v2, V2)
+    assert fake.find(LM, MY, v1.thumbprint).renewal == v2.thumbprint
+    assert foreign.renewal is None
+    assert fake.find(LM, MY, other_secret.thumbprint).renewal is None
+
+
+async def test_link_failure_after_commit_is_reported_with_the_install(
+    fake: FakeWindowsCertBackend, ca: TestAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = WindowsCertStore(backend=fake, link_on_renewal=True)
+    old = fake.add(LM, MY, ca.issue(["www.example.com"]))
+    new = ca.issue(["www.example.com"])
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise Win32Error(5, "Access is denied.", "CertSetCertificateContextProperty")
+
+    # Staging sets properties on the import store; only the link writes to the system store.
+    monkeypatch.setattr(fake, "set_property", refuse)
+    with pytest.raises(InstallIncomplete) as caught:
+        await store.install(observed(), new, V1)
+    assert caught.value.installed.thumbprint == new.thumbprint
+    assert f"link {old.thumbprint}" in str(caught.value)
+    assert ACCESS_DENIED in str(caught.value)
+    current = await store.installed(observed())
+    assert current is not None and current.thumbprint == new.thumbprint
+    assert old.renewal is None
+
+
+# ================================================================================== key ACLs
+
+
+async def test_accounts_get_read_access_and_owners_keep_full_control(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    pool = fake.add_account("IIS AppPool\\Site")
+    accounts = ["Network Service", "IIS AppPool\\Site", "NT AUTHORITY\\NETWORK SERVICE"]
+    await store.install(observed(accounts=accounts), ca.issue(), V1)
+    (cert,) = fake.store(LM, MY)
+    key = fake.key_of(cert)
+    assert key is not None
+    assert key.dacl == f"D:PAI(A;;FA;;;SY)(A;;FA;;;BA)(A;;GR;;;S-1-5-20)(A;;GR;;;{pool})"
+    assert pool == virtual_account_sid("IIS AppPool\\Site")
+
+
+async def test_current_user_keys_get_no_administrators_ace(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    target = observed(store_location=CU, accounts=["Network Service"])
+    await store.install(target, ca.issue(), V1)
+    (cert,) = fake.store(CU, MY)
+    key = fake.key_of(cert)
+    assert key is not None
+    assert key.dacl == f"D:PAI(A;;FA;;;SY)(A;;FA;;;{fake.user_sid})(A;;GR;;;S-1-5-20)"
+
+
+async def test_unknown_account_is_reported_but_the_certificate_installed(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    material = ca.issue()
+    target = observed(accounts=["IIS AppPool\\Missing", "Network Service"])
+    with pytest.raises(InstallIncomplete) as caught:
+        await store.install(target, material, V1)
+    error = caught.value
+    assert isinstance(error, StoreError)
+    assert "'IIS AppPool\\\\Missing'" in str(error) and "LocalMachine\\MY" in str(error)
+    assert error.installed.thumbprint == material.thumbprint
+    current = await store.installed(target)
+    assert current is not None and current.version == V1
+    key = fake.key_of(fake.store(LM, MY)[0])
+    assert key is not None and "(A;;GR;;;S-1-5-20)" in key.dacl
+
+
+def test_grant_keeps_aliases_inherited_order_and_other_parts() -> None:
+    sddl = (
+        "O:BAG:SYD:PAI(D;;FA;;;AN)(A;;FA;;;SY)(A;;0x120089;;;NS)(A;ID;FA;;;BA)S:AI(AU;SA;FA;;;WD)"
+    )
+    granted = _grant_read_access(sddl, ["S-1-5-20", "S-1-5-19"], full_control=["SY", "BA"])
+    # NS already reads (FILE_GENERIC_READ as a mask), BA's inherited full control counts.
+    assert granted == (
+        "O:BAG:SYD:PAI(D;;FA;;;AN)(A;;FA;;;SY)(A;;0x120089;;;NS)(A;;GR;;;S-1-5-19)"
+        "(A;ID;FA;;;BA)S:AI(AU;SA;FA;;;WD)"
+    )
+    assert _grant_read_access(granted, ["S-1-5-19", "S-1-5-20"]) == granted
+
+
+def test_grant_adds_missing_owners_and_respects_null_dacl() -> None:
+    assert _grant_read_access("D:P", ["S-1-5-20"], full_control=["SY", "BA"]) == (
+        "D:P(A;;FA;;;SY)(A;;FA;;;BA)(A;;GR;;;S-1-5-20)"
+    )
+    assert _grant_read_access("D:NO_ACCESS_CONTROL", ["S-1-5-20"]) == "D:NO_ACCESS_CONTROL"
+    with pytest.raises(ValueError, match="no DACL"):
+        _grant_read_access("O:BAG:SY", ["S-1-5-20"])
+
+
+def test_split_dacl_finds_the_dacl_after_owner_aliases_ending_in_d() -> None:
+    assert _split_dacl("O:DDG:DDD:P(A;;FA;;;SY)") == ("O:DDG:DD", "P", ["(A;;FA;;;SY)"], "")
+
+
+# ========================================================================= failure atomicity
+
+# (Win32 function to fail, store named in the error, accounts needed to reach it)
+FAILURE_POINTS = [
+    ("PFXImportCertStore", "LocalMachine\\MY", ()),
+    ("CertSetCertificateContextProperty", "LocalMachine\\MY", ()),
+    ("NCryptGetProperty", "LocalMachine\\MY", ("Network Service",)),
+    ("NCryptSetProperty", "LocalMachine\\MY", ("Network Service",)),
+    ("LookupAccountNameW", "LocalMachine\\MY", ("Network Service",)),
+    ("CertAddEncodedCertificateToStore", "LocalMachine\\CA", ()),
+    ("CertAddCertificateContextToStore", "LocalMachine\\MY", ()),
+]
+
+
+@pytest.mark.parametrize(("function", "where", "accounts"), FAILURE_POINTS)
+async def test_failure_leaves_the_previous_certificate_current(
+    store: WindowsCertStore,
+    fake: FakeWindowsCertBackend,
+    ca: TestAuthority,
+    function: str,
+    where: str,
+    accounts: tuple[str, ...],
+) -> None:
+    target = observed(accounts=list(accounts))
+    before = await store.install(target, ca.issue(), V1)
+    keys_before = set(fake.keys)
+    fake.fail(function)
+    with pytest.raises(StoreError) as caught:
+        await store.install(target, ca.issue(), V2)
+    message = str(caught.value)
+    assert not isinstance(caught.value, InstallIncomplete)
+    assert message.startswith(f"{where}: cannot ")
+    assert f"{function} failed with {ACCESS_DENIED}" in message
+    assert await store.installed(target) == before
+    assert thumbprints(fake, LM, MY) == {before.thumbprint}
+    assert set(fake.keys) == keys_before  # the aborted import's key was deleted
+    assert fake.open_pfx_stores == 0
+
+
+async def test_failed_key_cleanup_is_logged_and_the_real_error_raised(
+    store: WindowsCertStore,
+    fake: FakeWindowsCertBackend,
+    ca: TestAuthority,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake.fail("CertAddCertificateContextToStore")
+    fake.fail("NCryptDeleteKey")
+    with (
+        caplog.at_level(logging.WARNING, logger="kvcertsync.stores.windows"),
+        pytest.raises(StoreError, match="CertAddCertificateContextToStore failed"),
+    ):
+        await store.install(observed(), ca.issue(), V1)
+    assert "could not delete the key of an aborted import" in caplog.text
+    assert fake.store(LM, MY) == [] and fake.open_pfx_stores == 0
+
+
+async def test_not_elevated_local_machine_is_access_denied(ca: TestAuthority) -> None:
+    fake = FakeWindowsCertBackend(elevated=False)
+    store = WindowsCertStore(backend=fake)
+    with pytest.raises(StoreError) as caught:
+        await store.install(observed(), ca.issue(), V1)
+    assert str(caught.value).startswith("LocalMachine\\")
+    assert ACCESS_DENIED in str(caught.value)
+    assert fake.keys == {}
+    record = await store.install(observed(store_location=CU), ca.issue(), V1)
+    assert record.location == "CurrentUser\\MY"
+
+
+async def test_listing_errors_name_the_store(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    await store.install(observed(), ca.issue(), V1)
+    fake.fail("CertEnumCertificatesInStore", binding.CRYPT_E_EXISTS)
+    with pytest.raises(StoreError, match=r"^LocalMachine\\MY: cannot list the store: .*0x80092005"):
+        await store.installed(observed())
+
+
+# ============================================= the real binding against a simulated crypt32
+#
+# Crypt32Backend cannot call crypt32 here, but everything above the DLL boundary can run: each
+# simulated function first converts every argument with its declared argtype (what ctypes does
+# before a foreign call, so a mismatched argument fails here as it would on Windows), then
+# behaves like the documented API, including the two-call size protocols, GetLastError,
+# SECURITY_STATUS returns and which calls allocate what. It also counts handles, contexts and
+# LocalAlloc'd buffers, so leaks show.
+
+
+class SimulatedWindows:
+    """crypt32, ncrypt, advapi32 and kernel32 as Python, behind binding.PROTOTYPES."""
+
+    def __init__(self) -> None:
+        self.last_error = 0
+        self.stores: dict[tuple[int, str], dict[str, FakeCertificate]] = {}
+        self.store_handles: dict[int, dict[str, FakeCertificate]] = {}
+        self.contexts: dict[int, tuple[object, object, dict[str, FakeCertificate], str]] = {}
+        self.keys: dict[str, dict[str, object]] = {}
+        self.key_handles: dict[int, str] = {}
+        self.allocations: dict[int, object] = {}
+        self.accounts = {"network service": "S-1-5-20"}
+        self.failures: dict[str, int] = {}
+        self._next = 0x1000
+
+    # ---- plumbing
+
+    def api(self) -> binding.Api:
+        return binding.Api({p.name: self._declared(p) for p in binding.PROTOTYPES})
+
+    def _declared(self, proto: binding.Prototype) -> Callable[..., object]:
+        impl = getattr(self, proto.name)
+
+        def call(*args: object) -> object:
+            assert len(args) == len(proto.argtypes), proto.name
+            for argtype, arg in zip(proto.argtypes, args, strict=True):
+                argtype.from_param(arg)
+            if proto.name in self.failures:
+                return self._fail(self.failures.pop(proto.name), proto)
+            return impl(*args)
+
+        return call
+
+    def _fail(self, code: int, proto: binding.Prototype) -> object:
+        if proto.dll == "ncrypt":  # SECURITY_STATUS: the error is the return value
+            return code - (1 << 32) if code >= 1 << 31 else code
+        self.last_error = code
+        if proto.restype is binding.PCCERT_CONTEXT:
+            return binding.PCCERT_CONTEXT()
+        return None if proto.restype is binding.HCERTSTORE else 0
+
+    def _handle(self) -> int:
+        self._next += 8
+        return self._next
+
+    def _context(self, certs: dict[str, FakeCertificate], thumbprint: str) -> object:
+        data = certs[thumbprint].der
+        buffer = ctypes.create_string_buffer(data, len(data))
+        context = binding.CERT_CONTEXT(1, ctypes.cast(buffer, binding.PBYTE), len(data), None, None)
+        self.contexts[ctypes.addressof(context)] = (context, buffer, certs, thumbprint)
+        return ctypes.pointer(context)
+
+    def _cert(self, context: object) -> tuple[dict[str, FakeCertificate], FakeCertificate]:
+        _, _, certs, thumbprint = self.contexts[ctypes.addressof(context.contents)]
+        return certs, certs[thumbprint]
+
+    def _alloc_text(self, text: str) -> int:
+        buffer = ctypes.create_unicode_buffer(text)
+        self.allocations[ctypes.addressof(buffer)] = buffer
+        return ctypes.addressof(buffer)
+
+    def _add(
+        self, certs: dict[str, FakeCertificate], cert: FakeCertificate, disposition: int
+    ) -> int:
+        if disposition == binding.CERT_STORE_ADD_USE_EXISTING and cert.thumbprint in certs:
+            return 1
+        assert disposition in (
+            binding.CERT_STORE_ADD_USE_EXISTING,
+            binding.CERT_STORE_ADD_REPLACE_EXISTING,
+        )
+        certs[cert.thumbprint] = cert.copy()
+        return 1
+
+    @staticmethod
+    def _blob(pointer: object) -> bytes:
+        blob = pointer._obj
+        return ctypes.string_at(blob.pbData, blob.cbData)
+
+    # ---- crypt32
+
+    def CertOpenStore(self, provider, encoding, prov, flags, name):
+        assert provider == binding.CERT_STORE_PROV_SYSTEM_W and prov == 0
+        location = flags & 0x00FF0000
+        assert location in binding.LOCATION_FLAGS.values()
+        key = (location, name.upper())
+        if flags & binding.CERT_STORE_OPEN_EXISTING_FLAG and key not in self.stores:
+            self.last_error = binding.ERROR_FILE_NOT_FOUND
+            return None
+        handle = self._handle()
+        self.store_handles[handle] = self.stores.setdefault(key, {})
+        return handle
+
+    def CertCloseStore(self, handle, flags):
+        del self.store_handles[handle]
+        return 1
+
+    def PFXImportCertStore(self, pfx, password, flags):
+        loaded = pkcs12.load_pkcs12(self._blob(pfx), password.encode())
+        assert loaded.cert is not None and loaded.key is not None
+        certs: dict[str, FakeCertificate] = {}
+        for bag in [loaded.cert, *loaded.additional_certs]:
+            cert = FakeCertificate(bag.certificate.public_bytes(serialization.Encoding.DER))
+            certs[cert.thumbprint] = cert
+        leaf = next(iter(certs.values()))
+        leaf.key_name = f"key{len(self.keys)}"
+        self.keys[leaf.key_name] = {
+            "dacl": "D:PAI(A;;FA;;;SY)(A;;FA;;;BA)",
+            "machine": bool(flags & binding.CRYPT_MACHINE_KEYSET),
+        }
+        handle = self._handle()
+        self.store_handles[handle] = certs
+        return handle
+
+    def CertFindCertificateInStore(self, store, encoding, flags, find_type, para, previous):
+        assert find_type == binding.CERT_FIND_SHA1_HASH and not previous
+        certs = self.store_handles[store]
+        thumbprint = self._blob(para).hex().upper()
+        if thumbprint not in certs:
+            self.last_error = binding.CRYPT_E_NOT_FOUND
+            return binding.PCCERT_CONTEXT()
+        return self._context(certs, thumbprint)
+
+    def CertEnumCertificatesInStore(self, store, previous):
+        certs = self.store_handles[store]
+        after = ""
+        if previous:
+            after = self._cert(previous)[1].thumbprint
+            self.CertFreeCertificateContext(previous)
+        following = [t for t in sorted(certs) if t > after]
+        if not following:
+            self.last_error = binding.CRYPT_E_NOT_FOUND
+            return binding.PCCERT_CONTEXT()
+        return self._context(certs, following[0])
+
+    def CertFreeCertificateContext(self, context):
+        if context:
+            del self.contexts[ctypes.addressof(context.contents)]
+        return 1
+
+    def CertGetCertificateContextProperty(self, context, prop_id, data, size):
+        value = self._cert(context)[1].properties.get(prop_id)
+        if value is None:
+            self.last_error = binding.CRYPT_E_NOT_FOUND
+            return 0
+        if data is not None:
+            assert size._obj.value >= len(value)
+            ctypes.memmove(data, value, len(value))
+        size._obj.value = len(value)
+        return 1
+
+    def CertSetCertificateContextProperty(self, context, prop_id, flags, data):
+        cert = self._cert(context)[1]
+        if data is None:
+            cert.properties.pop(prop_id, None)
+        else:
+            cert.properties[prop_id] = self._blob(data)
+        return 1
+
+    def CertAddCertificateContextToStore(self, store, context, disposition, out):
+        assert out is None
+        return self._add(self.store_handles[store], self._cert(context)[1], disposition)
+
+    def CertAddEncodedCertificateToStore(self, store, encoding, data, size, disposition, out):
+        assert out is None and encoding == binding.X509_ASN_ENCODING | binding.PKCS_7_ASN_ENCODING
+        return self._add(self.store_handles[store], FakeCertificate(data[:size]), disposition)
+
+    def CertDeleteCertificateFromStore(self, context):
+        certs, cert = self._cert(context)
+        self.CertFreeCertificateContext(context)
+        del certs[cert.thumbprint]
+        return 1
+
+    def CryptAcquireCertificatePrivateKey(self, context, flags, reserved, key, spec, free):
+        assert flags & binding.CRYPT_ACQUIRE_ONLY_NCRYPT_KEY_FLAG
+        assert flags & binding.CRYPT_ACQUIRE_SILENT_FLAG
+        cert = self._cert(context)[1]
+        if cert.key_name is None or cert.key_name not in self.keys:
+            self.last_error = binding.CRYPT_E_NO_KEY_PROPERTY
+            return 0
+        handle = self._handle()
+        self.key_handles[handle] = cert.key_name
+        key._obj.value = handle
+        spec._obj.value = binding.CERT_NCRYPT_KEY_SPEC
+        free._obj.value = 1
+        return 1
+
+    # ---- ncrypt
+
+    def NCryptGetProperty(self, key, name, output, size, result, flags):
+        assert name == binding.NCRYPT_SECURITY_DESCR_PROPERTY
+        assert flags & binding.DACL_SECURITY_INFORMATION
+        descriptor = str(self.keys[self.key_handles[key]]["dacl"]).encode("utf-16-le") + b"\0\0"
+        if output is not None:
+            assert size >= len(descriptor)
+            ctypes.memmove(output, descriptor, len(descriptor))
+        result._obj.value = len(descriptor)
+        return 0
+
+    def NCryptSetProperty(self, key, name, data, size, flags):
+        assert name == binding.NCRYPT_SECURITY_DESCR_PROPERTY
+        assert flags & binding.DACL_SECURITY_INFORMATION and flags & binding.NCRYPT_PERSIST_FLAG
+        text = ctypes.string_at(data.value, size).decode("utf-16-le")
+        self.keys[self.key_handles[key]]["dacl"] = text
+        return 0
+
+    def NCryptDeleteKey(self, key, flags):
+        del self.keys[self.key_handles.pop(key)]
+        return 0
+
+    def NCryptFreeObject(self, key):
+        del self.key_handles[key]
+        return 0
+
+    # ---- advapi32, kernel32
+
+    def LookupAccountNameW(self, system, name, sid, sid_size, domain, domain_size, use):
+        text = self.accounts.get(name.lower())
+        if text is None:
+            self.last_error = binding.ERROR_NONE_MAPPED
+            return 0
+        data = text.encode("ascii") + b"\0"  # stands in for the binary SID
+        if sid is None or sid_size._obj.value < len(data):
+            sid_size._obj.value = len(data)
+            domain_size._obj.value = len("NT AUTHORITY") + 1
+            self.last_error = binding.ERROR_INSUFFICIENT_BUFFER
+            return 0
+        ctypes.memmove(sid, data, len(data))
+        domain.value = "NT AUTHORITY"
+        use._obj.value = 5
+        return 1
+
+    def ConvertSidToStringSidW(self, sid, text):
+        text._obj.value = self._alloc_text(sid.raw.split(b"\0", 1)[0].decode("ascii"))
+        return 1
+
+    def ConvertSecurityDescriptorToStringSecurityDescriptorW(
+        self, sd, revision, info, text, length
+    ):
+        assert revision == binding.SDDL_REVISION_1 and info == binding.DACL_SECURITY_INFORMATION
+        sddl = sd.raw.decode("utf-16-le").split("\0", 1)[0]
+        text._obj.value = self._alloc_text(sddl)
+        return 1
+
+    def ConvertStringSecurityDescriptorToSecurityDescriptorW(self, sddl, revision, sd, size):
+        data = sddl.encode("utf-16-le")
+        buffer = ctypes.create_string_buffer(data, len(data))
+        self.allocations[ctypes.addressof(buffer)] = buffer
+        sd._obj.value = ctypes.addressof(buffer)
+        size._obj.value = len(data)
+        return 1
+
+    def LocalFree(self, pointer):
+        del self.allocations[pointer.value]
+
+    def FormatMessageW(self, flags, source, code, language, buffer, size, arguments):
+        assert flags == binding.FORMAT_MESSAGE_FROM_SYSTEM | binding.FORMAT_MESSAGE_IGNORE_INSERTS
+        text = {5: "Access is denied.\r\n"}.get(code, "")
+        buffer.value = text
+        return len(text)
+
+    def assert_nothing_leaked(self) -> None:
+        assert self.store_handles == {}
+        assert self.contexts == {}
+        assert self.key_handles == {}
+        assert self.allocations == {}
+
+
+@pytest.fixture
+def simulated(monkeypatch: pytest.MonkeyPatch) -> SimulatedWindows:
+    sim = SimulatedWindows()
+    monkeypatch.setattr(binding, "_last_error", lambda: sim.last_error)
+    return sim
+
+
+def sim_store(
+    sim: SimulatedWindows, *, machine: int = binding.CERT_SYSTEM_STORE_LOCAL_MACHINE, name: str = MY
+) -> dict[str, FakeCertificate]:
+    return sim.stores.get((machine, name), {})
+
+
+async def test_binding_installs_links_and_reads_back(
+    simulated: SimulatedWindows, ca: TestAuthority
+) -> None:
+    backend = binding.Crypt32Backend(api=simulated.api())
+    store = WindowsCertStore(backend=backend, link_on_renewal=True)
+    target = observed(accounts=["Network Service", "Nobody Here"])
+    assert await store.installed(target) is None  # ERROR_FILE_NOT_FOUND: no store yet
+    old = ca.issue(["www.example.com"], include_root=True)
+    with pytest.raises(InstallIncomplete, match="'Nobody Here'"):
+        await store.install(target, old, V1)
+    new = ca.issue(["www.example.com"])
+    with pytest.raises(InstallIncomplete):
+        await store.install(target, new, V2)
+    current = await store.installed(target)
+    assert current is not None and (current.version, current.thumbprint) == (V2, new.thumbprint)
+    certs = sim_store(simulated)
+    assert set(certs) == {old.thumbprint, new.thumbprint}
+    assert certs[old.thumbprint].renewal == new.thumbprint
+    assert certs[new.thumbprint].friendly_name == "myvault.web"
+    assert list(sim_store(simulated, name="CA")) == [
+        hashlib.sha1(der_of(ca.intermediate.certificate)).hexdigest().upper()
+    ]
+    key = simulated.keys[certs[new.thumbprint].key_name or ""]
+    assert key["machine"] is True
+    assert key["dacl"] == "D:PAI(A;;FA;;;SY)(A;;FA;;;BA)(A;;GR;;;S-1-5-20)"
+    simulated.assert_nothing_leaked()
+
+
+async def test_binding_failure_deletes_the_staged_key_and_closes_everything(
+    simulated: SimulatedWindows, ca: TestAuthority
+) -> None:
+    store = WindowsCertStore(backend=binding.Crypt32Backend(api=simulated.api()))
+    simulated.failures["CertAddCertificateContextToStore"] = binding.ERROR_ACCESS_DENIED
+    with pytest.raises(StoreError) as caught:
+        await store.install(observed(), ca.issue(), V1)
+    assert str(caught.value) == (
+        "LocalMachine\\MY: cannot add the certificate to the store: "
+        f"CertAddCertificateContextToStore failed with {ACCESS_DENIED}"
+    )
+    assert simulated.keys == {} and sim_store(simulated) == {}
+    simulated.assert_nothing_leaked()
+
+
+async def test_binding_removes_superseded_with_their_keys(
+    simulated: SimulatedWindows, ca: TestAuthority
+) -> None:
+    store = WindowsCertStore(
+        backend=binding.Crypt32Backend(api=simulated.api()), remove_superseded=True
+    )
+    await store.install(observed(), ca.issue(), V1)
+    newest = ca.issue()
+    await store.install(observed(), newest, V2)
+    certs = sim_store(simulated)
+    assert list(certs) == [newest.thumbprint]
+    assert list(simulated.keys) == [certs[newest.thumbprint].key_name]
+    simulated.assert_nothing_leaked()
+
+
+async def test_binding_reports_hresults_from_ncrypt(
+    simulated: SimulatedWindows, ca: TestAuthority
+) -> None:
+    store = WindowsCertStore(backend=binding.Crypt32Backend(api=simulated.api()))
+    simulated.failures["NCryptSetProperty"] = binding.NTE_PERM
+    with pytest.raises(StoreError, match=r"NCryptSetProperty failed with error 0x80090010"):
+        await store.install(observed(accounts=["Network Service"]), ca.issue(), V1)
+    assert simulated.keys == {}
+    simulated.assert_nothing_leaked()
