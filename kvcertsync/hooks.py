@@ -22,8 +22,10 @@ __all__ = ["CommandFailed", "command_hook", "event_environment"]
 
 logger = logging.getLogger(__name__)
 
-# Enough of a failing command's output to say why, not enough to flood the log.
+# Enough of a failing command's output to say why, not enough to flood the log or memory.
 _OUTPUT_TAIL = 2000
+# How long output is still read after the process exited (children may hold the pipes).
+_DRAIN_AFTER_EXIT = 0.5
 
 
 class CommandFailed(KvCertSyncError):
@@ -50,28 +52,44 @@ def event_environment(event: Event) -> dict[str, str]:
 async def _run(
     argv: list[str], env: dict[str, str], cwd: str | os.PathLike[str] | None
 ) -> tuple[int, str]:
-    """Run ``argv`` in its own process group; if we are cancelled, the whole group dies."""
+    """Run ``argv`` in its own process group; if we are cancelled, the whole group dies.
+
+    Only the tail of the output is kept, and once the process has exited its output is read
+    for at most a moment more: a hook that starts a daemon must not hold us on its pipes.
+    """
+    tail = bytearray()
+    drained = anyio.Event()
+    open_streams = 2
+
+    async def drain(stream: anyio.abc.ByteReceiveStream | None) -> None:
+        nonlocal open_streams
+        try:
+            if stream is not None:
+                async for chunk in stream:
+                    tail.extend(chunk)
+                    del tail[: max(0, len(tail) - _OUTPUT_TAIL)]
+        finally:
+            open_streams -= 1
+            if not open_streams:
+                drained.set()
+
     async with await anyio.open_process(
         argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, start_new_session=True
     ) as process:
         try:
-            chunks: list[bytes] = []
-
-            async def drain(stream: anyio.abc.ByteReceiveStream | None) -> None:
-                if stream is not None:
-                    async for chunk in stream:
-                        chunks.append(chunk)
-
             async with anyio.create_task_group() as tg:
                 tg.start_soon(drain, process.stdout)
                 tg.start_soon(drain, process.stderr)
-            returncode = await process.wait()
+                returncode = await process.wait()
+                with anyio.move_on_after(_DRAIN_AFTER_EXIT):
+                    await drained.wait()
+                tg.cancel_scope.cancel()
         except BaseException:
             # A timed-out hook: kill what it started too (a shell's children survive its death).
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             raise
-    return returncode, b"".join(chunks).decode(errors="replace").strip()
+    return returncode, tail.decode(errors="replace").strip()
 
 
 def command_hook(

@@ -660,6 +660,7 @@ class _Parser:
             raise SettingsError("is empty: list at least one certificate to observe", path)
         certs: list[ObservedCertificate] = []
         seen: dict[SecretUri, int] = {}
+        files: dict[tuple[str, str], int] = {}
         for index, item in enumerate(items):
             item_path = _item(path, index)
             if isinstance(item, str):
@@ -686,6 +687,20 @@ class _Parser:
                     url_path,
                 )
             seen[cert.uri] = index
+            # Files are named <vault>.<name> (and by customSymbolicLinkName) per location, as
+            # the Linux extension names them: two secrets must not share a name there.
+            names = [f"{cert.uri.vault_name}.{cert.uri.name}".lower()]
+            if cert.symlink_name:
+                names.append(cert.symlink_name.lower())
+            for name in names:
+                other = files.setdefault((cert.store_location, name), index)
+                if other != index:
+                    raise SettingsError(
+                        f"{cert.uri} and {_item(path, other)} would both be named {name!r} in "
+                        f"{cert.store_location}: give one a different customSymbolicLinkName or "
+                        "certificateStoreLocation",
+                        item_path,
+                    )
             certs.append(cert)
         return tuple(certs)
 

@@ -75,3 +75,13 @@ async def test_the_bus_counts_failures_and_kills_hung_commands(tmp_path: Path) -
     assert (
         not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     )
+
+
+async def test_output_is_bounded_and_daemons_do_not_hold_the_hook() -> None:
+    # 50 MB of output: only the tail is kept (the message stays short).
+    with pytest.raises(CommandFailed) as failed:
+        await command_hook("head -c 50000000 /dev/zero | tr '\\0' x; echo END; exit 1")(UPDATED)
+    assert str(failed.value).endswith("xEND") and len(str(failed.value)) < 3000
+    # A hook that starts a background process returns when the hook itself exits.
+    with anyio.fail_after(10):
+        await command_hook("sleep 30 & exit 0")(UPDATED)  # holds the pipes for 30 s

@@ -366,6 +366,8 @@ async def test_nginx_serves_the_store_and_reloads_on_rotation(
         (link, link) if layout == "kvlinux" else (link / "fullchain.pem", link / "privkey.pem")
     )
     port = free_port()
+    scratch = tmp_path / "nginx-temp"  # nginx opens its temp directories to its workers
+    scratch.mkdir()
     conf = tmp_path / "nginx.conf"
     conf.write_text(
         f"""
@@ -373,8 +375,8 @@ async def test_nginx_serves_the_store_and_reloads_on_rotation(
         events {{}}
         http {{
           access_log off;
-          client_body_temp_path {tmp_path}; proxy_temp_path {tmp_path};
-          fastcgi_temp_path {tmp_path}; uwsgi_temp_path {tmp_path}; scgi_temp_path {tmp_path};
+          client_body_temp_path {scratch}; proxy_temp_path {scratch};
+          fastcgi_temp_path {scratch}; uwsgi_temp_path {scratch}; scgi_temp_path {scratch};
           server {{
             listen 127.0.0.1:{port} ssl;
             ssl_certificate {cert}; ssl_certificate_key {key};
@@ -404,3 +406,112 @@ async def test_nginx_serves_the_store_and_reloads_on_rotation(
                     await anyio.sleep(0.2)
     finally:
         run(*nginx, "-s", "quit")
+
+
+# ------------------------------------------------------------------------- regressions from review
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="planting another user's symlink needs root")
+@pytest.mark.anyio
+async def test_a_symlink_planted_in_a_shared_directory_is_not_followed(
+    tmp_path: Path, material: CertificateMaterial
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o700)
+    planted = shared / "kvstore"
+    planted.symlink_to(victim)
+    os.lchown(planted, 65534, 65534)  # planted by 'nobody'
+    with pytest.raises(StoreError, match="others can write"):
+        await PemDirectoryStore(group="nogroup", file_mode=0o640).install(
+            observed(planted), material, V1
+        )
+    assert list(victim.iterdir()) == [] and mode(victim) == 0o700
+
+
+@pytest.mark.anyio
+async def test_a_symlink_in_a_trusted_directory_is_followed(
+    tmp_path: Path, material: CertificateMaterial
+) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "alias").symlink_to(real)
+    await PemDirectoryStore().install(observed(tmp_path / "alias"), material, V1)
+    assert (real / "myvault.web").exists()
+
+
+@pytest.mark.skipif(shutil.which("setfacl") is None, reason="setfacl (package acl) not installed")
+@pytest.mark.anyio
+async def test_acl_names_starting_with_r_survive(
+    tmp_path: Path, material: CertificateMaterial
+) -> None:
+    await PemDirectoryStore().install(
+        observed(tmp_path, acls=[Acl(user="root", group="root")]), material, V1
+    )
+    assert "group:root:--x" in run("getfacl", "-p", str(tmp_path)).stdout
+
+
+@pytest.mark.anyio
+async def test_split_with_pfx_reuses_a_version_after_a_lost_link(
+    tmp_path: Path, material: CertificateMaterial
+) -> None:
+    store = PemDirectoryStore(layout="split", pfx=True)
+    await store.install(observed(tmp_path), material, V1)
+    (tmp_path / "myvault.web").unlink()  # a crash between the version's rename and the link
+    await store.install(observed(tmp_path), material, V1)
+    assert os.readlink(tmp_path / "myvault.web") == f"myvault.web.{V1}"
+
+
+@pytest.mark.anyio
+async def test_a_damaged_version_is_written_again(
+    tmp_path: Path, material: CertificateMaterial
+) -> None:
+    store = PemDirectoryStore()
+    cert = observed(tmp_path)
+    await store.install(cert, material, V1)
+    version_file = tmp_path / f"myvault.web.{V1}"
+    version_file.write_bytes(version_file.read_bytes()[:100])  # truncated behind our back
+    assert await store.installed(cert) is None
+    await store.install(cert, material, V1)
+    assert (
+        CertificateMaterial.from_secret(version_file.read_bytes()).thumbprint == material.thumbprint
+    )
+
+
+@pytest.mark.anyio
+async def test_a_custom_link_added_later_is_created(
+    tmp_path: Path, material: CertificateMaterial
+) -> None:
+    source = MemorySource()
+    source.set(URL, material)
+    await CertSync([observed(tmp_path)], store=PemDirectoryStore(), source=source).sync_once()
+    later = observed(tmp_path, symlink_name="web-current")
+    report = await CertSync([later], store=PemDirectoryStore(), source=source).sync_once()
+    assert report.ok
+    assert os.readlink(tmp_path / "web-current") == os.readlink(tmp_path / "myvault.web")
+
+
+@pytest.mark.anyio
+async def test_retention_keeps_the_replaced_version_whatever_the_mtimes(
+    tmp_path: Path, ca: TestAuthority
+) -> None:
+    store = PemDirectoryStore(keep_versions=2)
+    cert = observed(tmp_path)
+    for version in ("f" * 32, "e" * 32, "d" * 32):
+        await store.install(cert, ca.issue(["m.example"]), version)
+        for entry in tmp_path.iterdir():
+            os.utime(entry, (1_000_000, 1_000_000), follow_symlinks=False)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["myvault.web", f"myvault.web.{'d' * 32}", f"myvault.web.{'e' * 32}"]
+
+
+@pytest.mark.anyio
+async def test_a_windows_path_is_refused_here(
+    tmp_path: Path, material: CertificateMaterial
+) -> None:
+    with pytest.raises(StoreError, match="not a path on this system"):
+        await PemDirectoryStore().install(
+            ObservedCertificate.of(URL, store_location="C:\\certs"), material, V1
+        )

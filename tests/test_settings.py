@@ -823,9 +823,24 @@ logging_settings = st.none() | st.builds(
 )
 
 
+def distinct_file_names(certs: list[ObservedCertificate]) -> bool:
+    """No two certificates would share a file or link name in one location."""
+    names = [
+        (c.store_location, name.lower())
+        for c in certs
+        for name in (f"{c.uri.vault_name}.{c.uri.name}", c.symlink_name)
+        if name
+    ]
+    return len(names) == len(set(names))
+
+
 @st.composite
 def agent_settings(draw: st.DrawFn) -> AgentSettings:
-    observed = draw(st.lists(observed_certs, min_size=1, max_size=4, unique_by=lambda c: c.uri.key))
+    observed = draw(
+        st.lists(observed_certs, min_size=1, max_size=4, unique_by=lambda c: c.uri.key).filter(
+            distinct_file_names
+        )
+    )
     endpoint, client_id = draw(auth)
     return AgentSettings(
         observed,
@@ -847,3 +862,39 @@ def test_round_trip_through_to_dict_and_to_json(original: AgentSettings) -> None
     assert parse_settings(original.to_dict()) == original
     assert parse_settings(original.to_json()) == original
     assert parse_settings(original.to_json(indent=None).encode("utf-16")) == original
+
+
+def test_two_vaults_sharing_a_file_name_in_one_location_are_refused() -> None:
+    document = {
+        "secretsManagementSettings": {
+            "observedCertificates": [
+                {
+                    "url": "https://shop.vault.azure.net/secrets/web",
+                    "certificateStoreLocation": "/c",
+                },
+                {
+                    "url": "https://shop.vault.azure.cn/secrets/web",
+                    "certificateStoreLocation": "/c",
+                },
+            ]
+        }
+    }
+    with pytest.raises(SettingsError, match=r"observedCertificates\[1\].*'shop.web'"):
+        parse_settings(document)
+    document["secretsManagementSettings"]["observedCertificates"][1]["certificateStoreLocation"] = (
+        "/d"  # type: ignore[index]
+    )
+    assert len(parse_settings(document).observed) == 2
+
+
+def test_custom_link_names_must_be_unique_per_location() -> None:
+    document = {
+        "secretsManagementSettings": {
+            "observedCertificates": [
+                {"url": "https://shop.vault.azure.net/secrets/a", "customSymbolicLinkName": "tls"},
+                {"url": "https://shop.vault.azure.net/secrets/b", "customSymbolicLinkName": "TLS"},
+            ]
+        }
+    }
+    with pytest.raises(SettingsError, match="'tls'"):
+        parse_settings(document)

@@ -23,7 +23,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path, PurePath
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal
 
 import anyio
@@ -137,7 +137,11 @@ class PemDirectoryStore:
     def directory_for(self, observed: ObservedCertificate) -> Path:
         """The directory of ``observed``: its location when that is a path, else the default."""
         location = observed.store_directory
-        return Path(location) if isinstance(location, PurePath) else self.directory
+        if location is None:
+            return self.directory
+        if not isinstance(location, PurePosixPath):
+            raise StoreError(f"{observed.uri}: {str(location)!r} is not a path on this system")
+        return Path(location)
 
     @staticmethod
     def base_name(observed: ObservedCertificate) -> str:
@@ -164,21 +168,13 @@ class PemDirectoryStore:
     # ------------------------------------------------------------------ directory safety
 
     def _open_store_dir(self, path: Path, create: bool) -> int:
-        """Open ``path`` (creating it 0700 if missing) and check nobody else can write in it."""
-        if create:
-            try:
-                os.makedirs(path, mode=0o700)
-                logger.info("created certificate directory %s", path)
-            except FileExistsError:
-                pass
-            except OSError as exc:
-                raise StoreError(f"cannot create {path}: {exc.strerror}") from None
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            raise StoreError(f"cannot open directory {path}: {exc.strerror}") from None
+        """Open ``path`` (creating it 0700 if missing) and check nobody else can write in it.
+
+        The path is walked one component at a time without following symlinks blindly: a
+        symlink or a directory on the way counts only where nobody but root and us could have
+        put it there, so nobody can redirect the store (and the chmods it makes) elsewhere.
+        """
+        fd = _walk(path, create)
         try:
             info = os.fstat(fd)
             if info.st_uid != os.geteuid():
@@ -218,6 +214,13 @@ class PemDirectoryStore:
             version = self._current_version(base, fd)
             if version is None:
                 return None
+            for link in self._links(observed, base)[1:]:
+                if (
+                    self._lstat(link, fd) is None
+                    or os.readlink(link, dir_fd=fd) != f"{base}.{version}"
+                ):
+                    # A customSymbolicLinkName added or gone stale: installing again repairs it.
+                    return None
             try:
                 leaf = self._read_leaf(f"{base}.{version}", fd)
             except (OSError, ValueError, MaterialError) as exc:
@@ -295,21 +298,26 @@ class PemDirectoryStore:
         contents = self._contents(material)
         fd = self._open_store_dir(directory, create=True)
         try:
-            for link in links:
-                self._check_link_is_ours(link, base, fd, directory)
+            previous = [self._check_link_is_ours(link, base, fd, directory) for link in links]
             existing = self._lstat(entry, fd)
+            if existing is not None and not self._same_content(entry, existing, contents, fd):
+                if stat.S_ISLNK(existing.st_mode) or existing.st_uid != os.geteuid():
+                    raise StoreError(
+                        f"{directory / entry} exists and is not a file kvcertsync wrote: "
+                        "refusing to replace it"
+                    )
+                # Ours but damaged (a truncated file, a lost member): move it aside, rewrite.
+                logger.warning("%s is damaged; writing it again", directory / entry)
+                self._discard(entry, fd)
+                existing = None
             if existing is None:
                 self._write_entry(entry, contents, acls, fd)
-            elif not self._same_content(entry, existing, contents, fd):
-                raise StoreError(
-                    f"{directory / entry} exists with different content or is not a file "
-                    "kvcertsync wrote: refusing to replace it"
-                )
+                _fsync_dir(fd)  # the version is durable before any link names it
             for link in links:
                 self._point(link, entry, fd)
             _fsync_dir(fd)
-            self._prune(base, entry, fd)
-            self._grant_directory(directory, acls)
+            self._prune(base, entry, {p for p in previous if p is not None}, links, fd)
+            self._grant_directory(fd, directory, acls)
         except OSError as exc:
             raise StoreError(f"cannot install into {directory}: {exc.strerror or exc}") from None
         finally:
@@ -330,10 +338,11 @@ class PemDirectoryStore:
             files["bundle.pfx"] = material.to_pkcs12()
         return files
 
-    def _check_link_is_ours(self, link: str, base: str, fd: int, directory: Path) -> None:
+    def _check_link_is_ours(self, link: str, base: str, fd: int, directory: Path) -> str | None:
+        """The entry ``link`` points at now (None: no link yet); StoreError if not ours."""
         info = self._lstat(link, fd)
         if info is None:
-            return
+            return None
         if not stat.S_ISLNK(info.st_mode):
             raise StoreError(
                 f"{directory / link} exists and is not a symlink kvcertsync made: refusing to "
@@ -345,6 +354,7 @@ class PemDirectoryStore:
                 f"{directory / link} points at {target!r}, which kvcertsync did not write: "
                 "refusing to replace it"
             )
+        return target
 
     def _same_content(
         self, entry: str, info: os.stat_result, contents: dict[str, bytes], fd: int
@@ -358,7 +368,12 @@ class PemDirectoryStore:
             if not stat.S_ISDIR(info.st_mode):
                 return False
             with _open_dir(entry, fd) as sub:
-                return all(self._read_regular(name, sub) == data for name, data in contents.items())
+                # A PFX is salted afresh on every encoding: the PEM files decide.
+                return all(
+                    self._read_regular(name, sub) == data
+                    for name, data in contents.items()
+                    if name != "bundle.pfx"
+                ) and ("bundle.pfx" not in contents or self._lstat("bundle.pfx", sub) is not None)
         except OSError:
             return False
 
@@ -409,7 +424,7 @@ class PemDirectoryStore:
             self._apply_acls(fd, acls, directory=directory)
 
     def _apply_acls(self, fd: int, acls: Sequence[Acl], *, directory: bool) -> None:
-        entries = _acl_entries(acls, directory=directory)
+        entries = _acl_entries(acls, "rx" if directory else "r")
         setfacl = shutil.which("setfacl")
         if setfacl is not None:
             path = _fd_path(fd)
@@ -437,35 +452,33 @@ class PemDirectoryStore:
             "only a single group can be expressed (by group ownership)"
         )
 
-    def _grant_directory(self, directory: Path, acls: Sequence[Acl]) -> None:
-        """Let the readers this store was told about traverse the directory (never write)."""
+    def _grant_directory(self, fd: int, directory: Path, acls: Sequence[Acl]) -> None:
+        """Let the readers this store was told about traverse the (checked) directory ``fd``."""
         shared_group = self.gid is not None or self.file_mode & 0o040
-        if not acls and not shared_group:
-            return
-        with _open_dir(directory) as fd:
-            if shared_group:
-                if self.gid is not None:
-                    os.fchown(fd, -1, self.gid)
-                os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | 0o050)
-            if not acls:
-                return
-            setfacl = shutil.which("setfacl")
-            entries = [e.replace(":r", ":x") for e in _acl_entries(acls, directory=False)]
-            if setfacl is not None:
-                result = subprocess.run(
-                    [setfacl, "-m", ",".join(entries), _fd_path(fd)],
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                )
-                if result.returncode == 0:
-                    return
-            # The files fell back to group ownership: the directory must let that group in.
-            group = next((a.group for a in acls if a.group), None)
-            if group is None:
-                raise StoreError(f"{directory}: cannot let {', '.join(entries)} traverse it")
-            os.fchown(fd, -1, self._gid(group) or -1)
+        if shared_group:
+            if self.gid is not None:
+                os.fchown(fd, -1, self.gid)
             os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | 0o050)
+        if not acls:
+            return
+        setfacl = shutil.which("setfacl")
+        entries = _acl_entries(acls, "x")
+        if setfacl is not None:
+            result = subprocess.run(
+                [setfacl, "-m", ",".join(entries), _fd_path(fd)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if result.returncode == 0:
+                return
+        # The files fell back to group ownership: the directory must let that group in.
+        group = next((a.group for a in acls if a.group), None)
+        if group is None:
+            raise StoreError(f"{directory}: cannot let {', '.join(entries)} traverse it")
+        gid = self._gid(group)
+        os.fchown(fd, -1, gid if gid is not None else -1)
+        os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | 0o050)
 
     def _point(self, link: str, entry: str, fd: int) -> None:
         """Swap ``link`` to ``entry`` with one rename of a fresh symlink over it."""
@@ -482,9 +495,13 @@ class PemDirectoryStore:
             self._remove(temp, fd)
             raise
 
-    def _prune(self, base: str, current: str, fd: int) -> None:
-        """Keep the newest ``keep_versions`` versions (the current one always); drop the rest."""
+    def _prune(
+        self, base: str, current: str, previous: set[str], links: Sequence[str], fd: int
+    ) -> None:
+        """Keep the current version, the one it replaced, then the newest up to
+        ``keep_versions``; never one a link points at. Also sweep leftovers of crashes."""
         prefix = f"{base}."
+        temps = tuple(f"{_TEMP_PREFIX}{name}." for name in links)
         linked = {current}
         versions: list[tuple[int, str]] = []
         now = time.time()
@@ -495,7 +512,7 @@ class PemDirectoryStore:
             if name.startswith(_TRASH_PREFIX) and name[len(_TRASH_PREFIX) :].startswith(prefix):
                 self._remove(name, fd)  # left by a crash in the middle of a delete
                 continue
-            if name.startswith(_TEMP_PREFIX) and name[len(_TEMP_PREFIX) :].startswith(prefix):
+            if name.startswith(temps):
                 if now - info.st_mtime > _STALE_TEMP_SECONDS:
                     self._remove(name, fd)
                 continue
@@ -506,17 +523,22 @@ class PemDirectoryStore:
             if name.startswith(prefix) and _VERSION.fullmatch(name[len(prefix) :]):
                 versions.append((info.st_mtime_ns, name))
         versions.sort(reverse=True)
-        keep = {current}
+        keep = [current, *sorted(previous - {current})]
         for _, name in versions:
             if len(keep) >= self.keep_versions:
                 break
-            keep.add(name)
+            if name not in keep:
+                keep.append(name)
         for _, name in versions:
-            if name not in keep and name not in linked:
-                trash = f"{_TRASH_PREFIX}{name}.{secrets.token_hex(4)}"
-                os.rename(name, trash, src_dir_fd=fd, dst_dir_fd=fd)
-                self._remove(trash, fd)
+            if name not in keep[: max(self.keep_versions, 1)] and name not in linked:
+                self._discard(name, fd)
                 logger.debug("removed superseded %s", name)
+
+    def _discard(self, name: str, fd: int) -> None:
+        """Delete a version so that a crash midway leaves nothing half-visible."""
+        trash = f"{_TRASH_PREFIX}{name}.{secrets.token_hex(4)}"
+        os.rename(name, trash, src_dir_fd=fd, dst_dir_fd=fd)
+        self._remove(trash, fd)
 
     @staticmethod
     def _remove(name: str, fd: int) -> None:
@@ -529,13 +551,85 @@ class PemDirectoryStore:
             os.unlink(name, dir_fd=fd)
 
 
+def _trusted(parent: os.stat_result, entry: os.stat_result) -> bool:
+    """Whether only root and we could have placed ``entry`` in ``parent``."""
+    us = (0, os.geteuid())
+    if parent.st_uid not in us:
+        return False
+    if parent.st_mode & 0o022:
+        # A shared directory like /tmp: safe only with the sticky bit and an entry of ours.
+        return bool(parent.st_mode & stat.S_ISVTX) and entry.st_uid in us
+    return True
+
+
+def _walk(path: Path, create: bool) -> int:
+    """An open descriptor of directory ``path``, reached through trusted components only."""
+    where = os.path.abspath(path)
+    todo = list(Path(where).parts[1:])
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    hops = 0
+    try:
+        while todo:
+            name = todo.pop(0)
+            if name in ("", "."):
+                continue
+            parent = os.fstat(fd)
+            try:
+                entry = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                if not _trusted(parent, parent):
+                    raise StoreError(
+                        f"{where}: will not create {name!r} in a directory others can write"
+                    ) from None
+                os.mkdir(name, 0o700, dir_fd=fd)
+                os.fsync(fd)
+                logger.info("created directory %s in the path of %s", name, where)
+                entry = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if not _trusted(parent, entry):
+                raise StoreError(
+                    f"{where}: {name!r} sits in a directory that others can write: refusing "
+                    "to use a path someone else could redirect"
+                )
+            if stat.S_ISLNK(entry.st_mode):
+                hops += 1
+                if hops > 40:
+                    raise StoreError(f"{where}: too many symlinks")
+                target = os.readlink(name, dir_fd=fd)
+                if target.startswith("/"):
+                    os.close(fd)
+                    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                todo = list(PurePosixPath(target).parts) + todo
+                if todo and todo[0] == "/":
+                    todo.pop(0)
+                continue
+            nxt = os.open(
+                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+            )
+            os.close(fd)
+            fd = nxt
+    except NotADirectoryError:
+        os.close(fd)
+        raise StoreError(f"{where} is not a directory") from None
+    except FileNotFoundError:
+        os.close(fd)
+        raise
+    except OSError as exc:
+        os.close(fd)
+        raise StoreError(f"cannot open directory {where}: {exc.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _fd_path(fd: int) -> str:
     """A path naming an open descriptor of this process, for tools that take paths."""
     return f"/proc/{os.getpid()}/fd/{fd}"
 
 
-def _acl_entries(acls: Sequence[Acl], *, directory: bool) -> list[str]:
-    perm = "rx" if directory else "r"
+def _acl_entries(acls: Sequence[Acl], perm: str) -> list[str]:
     entries: list[str] = []
     for acl in acls:
         if acl.user:
