@@ -515,3 +515,22 @@ async def test_a_windows_path_is_refused_here(
         await PemDirectoryStore().install(
             ObservedCertificate.of(URL, store_location="C:\\certs"), material, V1
         )
+
+
+@pytest.mark.anyio
+async def test_concurrent_installs_create_the_directory_once(
+    tmp_path: Path, ca: TestAuthority
+) -> None:
+    store = PemDirectoryStore()
+    target = tmp_path / "a" / "b" / "c"
+    certs = [
+        ObservedCertificate.of(
+            f"https://v{i}x.vault.azure.net/secrets/w", store_location=str(target)
+        )
+        for i in range(8)
+    ]
+    materials = [ca.issue([f"c{i}.example"]) for i in range(8)]
+    async with anyio.create_task_group() as tg:
+        for cert, material in zip(certs, materials, strict=True):
+            tg.start_soon(store.install, cert, material, V1)
+    assert len([p for p in target.iterdir() if p.is_symlink()]) == 8

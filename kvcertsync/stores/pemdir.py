@@ -583,9 +583,12 @@ def _walk(path: Path, create: bool) -> int:
                     raise StoreError(
                         f"{where}: will not create {name!r} in a directory others can write"
                     ) from None
-                os.mkdir(name, 0o700, dir_fd=fd)
-                os.fsync(fd)
-                logger.info("created directory %s in the path of %s", name, where)
+                try:
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                    os.fsync(fd)
+                    logger.info("created directory %s in the path of %s", name, where)
+                except FileExistsError:
+                    pass  # another install (another certificate, another thread) was first
                 entry = os.stat(name, dir_fd=fd, follow_symlinks=False)
             if not _trusted(parent, entry):
                 raise StoreError(
