@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,8 +19,8 @@ def _check(args: argparse.Namespace) -> int:
     for cert in settings.observed:
         where = cert.store_directory or f"{cert.store_location}\\{cert.store_name}"
         print(f"  {cert.uri}  ->  {where}")
-    for warning in settings.warnings:
-        print(f"  warning: {warning}")
+    if settings.warnings:
+        print(f"  {len(settings.warnings)} warning(s), logged to stderr")
     return 0
 
 
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keep certificates from Azure Key Vault installed and current.",
     )
     parser.add_argument("--version", action="version", version=f"kvcertsync {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log what happens (INFO), not only problems"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = commands.add_parser("check", help="validate a Key Vault VM extension settings file")
     check.add_argument("settings", help="path to the extension settings JSON")
@@ -130,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="kvcertsync: %(levelname)s: %(message)s",
+    )
     if args.command is None:
         parser.print_help()
         return 2

@@ -85,7 +85,7 @@ async def run_demo(
         source = KeyVaultSource.from_settings(settings, ca_file=kv.ca_file, redirect=kv.redirect)
         target = store if store is not None else PemDirectoryStore(directory)
         sync = CertSync.from_settings(settings, store=target, source=source)
-        updated = anyio.Event()
+        arrived: dict[str, anyio.Event] = {}
         failures: list[SyncFailed] = []
         updates: list[CertificateUpdated] = []
 
@@ -93,8 +93,7 @@ async def run_demo(
             say(f"event: {event.describe()}")
             if isinstance(event, CertificateUpdated):
                 updates.append(event)
-                if event.uri.name == "web" and event.previous_version is not None:
-                    updated.set()
+                arrived.setdefault(event.version, anyio.Event()).set()
             elif isinstance(event, SyncFailed):
                 failures.append(event)
 
@@ -106,8 +105,8 @@ async def run_demo(
             # Minting an RSA key takes a while: not on the loop the sync runs on.
             rotated = await anyio.to_thread.run_sync(kv.rotate, VAULT, "web")
             say(f"vault: web rotated, version {rotated}")
-            with anyio.fail_after(15):
-                await updated.wait()
+            with anyio.fail_after(15):  # the next poll (every 2 s) brings it
+                await arrived.setdefault(rotated, anyio.Event()).wait()
             if forever:
                 say(
                     "running until Ctrl-C; rotate from another shell with: curl --cacert "

@@ -32,3 +32,14 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert api.dns_names == ("api.contoso.example",)
     assert web.thumbprint[:8] in out.splitlines()[-3]  # the rotated version is the one in place
     assert oct((out_dir / "demo.web").stat().st_mode & 0o777) == "0o600"
+
+
+def test_demo_runs_again_over_its_own_directory(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "kvcertsync", "demo", "--directory", str(tmp_path / "out")]
+    for _ in range(2):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    rotated = next(line for line in lines if "vault: web rotated, version" in line).split()[-1]
+    assert any(rotated[:8] in line and "event: updated" in line for line in lines)
+    assert "summary: 2 certificates kept current, 3 updates, 0 failures" in result.stdout
