@@ -695,6 +695,50 @@ async def test_sync_client_over_localhost(kv: LocalKeyVault) -> None:
     assert set(kv.request_counts) == {"localhost"}
 
 
+async def test_sync_client_sees_the_service_errors(kv: LocalKeyVault) -> None:
+    kv.set_secret("localhost", "off", "x")
+    kv.disable("localhost", "off")
+    kv.set_secret("localhost", "busy", "x")
+
+    def use_sync_sdk() -> dict[str, object]:
+        seen: dict[str, object] = {}
+        with SyncSecretClient(
+            kv.local_url,
+            SyncManagedIdentityCredential(),
+            connection_verify=kv.ca_file,
+            verify_challenge_resource=False,
+            retry_total=0,
+        ) as sync_client:
+            try:
+                sync_client.get_secret("missing")
+            except ResourceNotFoundError as error:
+                seen["missing"] = error.status_code
+            try:
+                sync_client.get_secret("off")
+            except HttpResponseError as error:
+                seen["off"] = (error.status_code, error.response.text())
+            for retry_after in (3, False):
+                kv.throttle("localhost", limit=0, retry_after=retry_after)
+                try:
+                    sync_client.get_secret("busy")
+                except HttpResponseError as error:
+                    seen[f"busy-{retry_after}"] = (
+                        error.status_code,
+                        error.response.headers.get("Retry-After"),
+                    )
+                kv.reset_faults()
+        return seen
+
+    seen = await anyio.to_thread.run_sync(use_sync_sdk)
+    assert seen["missing"] == 404
+    status, body = seen["off"]  # type: ignore[misc]
+    assert status == 403 and "SecretDisabled" in body
+    assert seen["busy-3"] == (429, "3")
+    assert seen["busy-False"] == (429, None)
+    # The first request of the sync client met the bearer challenge too.
+    assert next(r.status for r in kv.requests if r.vault == "localhost") == 401
+
+
 async def test_admin_routes(kv: LocalKeyVault, client: SecretClient) -> None:
     base = f"https://127.0.0.1:{kv.port}/_emulator"
     async with aiohttp.ClientSession(

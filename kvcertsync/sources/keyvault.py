@@ -134,7 +134,7 @@ class KeyVaultSource:
         ssl_context: ssl.SSLContext | None = None,
         redirect: Mapping[str, str] | None = None,
         timeout: float = 30.0,
-        max_connections: int = 64,
+        max_connections: int = 32,
         api_version: str | None = None,
         owns_credentials: bool = False,
         trust_env: bool | None = None,
