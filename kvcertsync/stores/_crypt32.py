@@ -409,7 +409,8 @@ def _open_windows_library(name: str) -> Any:
 
 def _last_error() -> int:
     if sys.platform == "win32":
-        return ctypes.get_last_error()
+        # ctypes hands back a signed C int: 0x80092004 would arrive as -2146885628.
+        return ctypes.get_last_error() & 0xFFFFFFFF
     return 0
 
 
