@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,7 +26,12 @@ from kvcertsync.material import CertificateMaterial
 from kvcertsync.settings import ObservedCertificate, parse_settings
 from kvcertsync.sources import MemorySource
 from kvcertsync.stores import _crypt32 as binding
-from kvcertsync.stores._fakewin import FakeCertificate, FakeWindowsCertBackend, virtual_account_sid
+from kvcertsync.stores._fakewin import (
+    FakeCertificate,
+    FakeKey,
+    FakeWindowsCertBackend,
+    virtual_account_sid,
+)
 from kvcertsync.stores.base import InstalledCertificate, Store
 from kvcertsync.stores.windows import (
     InstallIncomplete,
@@ -77,6 +82,14 @@ def der_of(certificate: x509.Certificate) -> bytes:
 
 def thumbprints(fake: FakeWindowsCertBackend, location: str, name: str) -> set[str]:
     return {cert.thumbprint for cert in fake.store(location, name)}
+
+
+def keys_of(fake: FakeWindowsCertBackend, material: CertificateMaterial) -> list[FakeKey]:
+    """Every persisted key container holding ``material``'s key (orphans included)."""
+    public = material.certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return [key for key in fake.keys.values() if key.public_der == public]
 
 
 # ================================================================ the binding (no Windows needed)
@@ -145,31 +158,145 @@ SDK_CONSTANTS = {
     "CRYPT_E_NO_KEY_PROPERTY": 0x8009200B,
 }
 
-# Parameter counts and DLLs from the functions' reference pages (learn.microsoft.com, "Syntax"
-# and "Requirements: DLL").
-SDK_FUNCTIONS = {
-    "CertOpenStore": ("crypt32", 5),
-    "CertCloseStore": ("crypt32", 2),
-    "PFXImportCertStore": ("crypt32", 3),
-    "CertFindCertificateInStore": ("crypt32", 6),
-    "CertEnumCertificatesInStore": ("crypt32", 2),
-    "CertFreeCertificateContext": ("crypt32", 1),
-    "CertGetCertificateContextProperty": ("crypt32", 4),
-    "CertSetCertificateContextProperty": ("crypt32", 4),
-    "CertAddCertificateContextToStore": ("crypt32", 4),
-    "CertAddEncodedCertificateToStore": ("crypt32", 6),
-    "CertDeleteCertificateFromStore": ("crypt32", 1),
-    "CryptAcquireCertificatePrivateKey": ("crypt32", 6),
-    "NCryptGetProperty": ("ncrypt", 6),
-    "NCryptSetProperty": ("ncrypt", 5),
-    "NCryptDeleteKey": ("ncrypt", 2),
-    "NCryptFreeObject": ("ncrypt", 1),
-    "LookupAccountNameW": ("advapi32", 7),
-    "ConvertSidToStringSidW": ("advapi32", 2),
-    "ConvertSecurityDescriptorToStringSecurityDescriptorW": ("advapi32", 5),
-    "ConvertStringSecurityDescriptorToSecurityDescriptorW": ("advapi32", 4),
-    "LocalFree": ("kernel32", 1),
-    "FormatMessageW": ("kernel32", 7),
+# The C signatures, transcribed from the SDK 10.0.22621.0 headers named beside each function and
+# cross-checked with its reference page, learn.microsoft.com/windows/win32/api/<header>/nf-<header>-
+# <name in lower case> ("Syntax", "Requirements: DLL"). Win32 types by width and signedness
+# (windef.h, basetsd.h, winnt.h): DWORD and ULONG are unsigned 32-bit, BOOL and LONG (so
+# SECURITY_STATUS) signed 32-bit, ULONG_PTR and every handle or pointer pointer-sized. Spelled out
+# here rather than taken from the binding, so a BOOL where a HANDLE belongs, or a c_char_p where a
+# wide string does, fails.
+W_DWORD = ctypes.c_uint32
+W_ULONG = ctypes.c_uint32
+W_BOOL = ctypes.c_int32
+W_LONG = ctypes.c_int32  # SECURITY_STATUS
+W_ULONG_PTR = ctypes.c_size_t  # HCRYPTPROV_LEGACY, NCRYPT_HANDLE, NCRYPT_KEY_HANDLE
+W_HANDLE = ctypes.c_void_p  # HCERTSTORE, HLOCAL
+W_VOIDP = ctypes.c_void_p  # void *, LPCVOID, PSID, PSECURITY_DESCRIPTOR, PBYTE buffers
+W_LPCWSTR = ctypes.c_wchar_p  # LPCWSTR and LPWSTR
+W_PCCERT = ctypes.POINTER(binding.CERT_CONTEXT)  # PCCERT_CONTEXT
+P = ctypes.POINTER
+
+SDK_SIGNATURES: dict[str, tuple[str, type, tuple[type, ...]]] = {
+    # wincrypt.h: HCERTSTORE CertOpenStore(LPCSTR lpszStoreProvider, DWORD dwEncodingType,
+    #     HCRYPTPROV_LEGACY hCryptProv, DWORD dwFlags, const void *pvPara)
+    # The provider is an integer id cast to LPCSTR, so a pointer-sized value; for
+    # CERT_STORE_PROV_SYSTEM_W, pvPara is the store name as a wide string.
+    "CertOpenStore": ("crypt32", W_HANDLE, (W_VOIDP, W_DWORD, W_ULONG_PTR, W_DWORD, W_LPCWSTR)),
+    # wincrypt.h: BOOL CertCloseStore(HCERTSTORE hCertStore, DWORD dwFlags)
+    "CertCloseStore": ("crypt32", W_BOOL, (W_HANDLE, W_DWORD)),
+    # wincrypt.h: HCERTSTORE PFXImportCertStore(CRYPT_DATA_BLOB *pPFX, LPCWSTR szPassword,
+    #     DWORD dwFlags)
+    "PFXImportCertStore": (
+        "crypt32",
+        W_HANDLE,
+        (P(binding.CRYPT_DATA_BLOB), W_LPCWSTR, W_DWORD),
+    ),
+    # wincrypt.h: PCCERT_CONTEXT CertFindCertificateInStore(HCERTSTORE hCertStore,
+    #     DWORD dwCertEncodingType, DWORD dwFindFlags, DWORD dwFindType, const void *pvFindPara,
+    #     PCCERT_CONTEXT pPrevCertContext)
+    "CertFindCertificateInStore": (
+        "crypt32",
+        W_PCCERT,
+        (W_HANDLE, W_DWORD, W_DWORD, W_DWORD, W_VOIDP, W_PCCERT),
+    ),
+    # wincrypt.h: PCCERT_CONTEXT CertEnumCertificatesInStore(HCERTSTORE hCertStore,
+    #     PCCERT_CONTEXT pPrevCertContext)
+    "CertEnumCertificatesInStore": ("crypt32", W_PCCERT, (W_HANDLE, W_PCCERT)),
+    # wincrypt.h: BOOL CertFreeCertificateContext(PCCERT_CONTEXT pCertContext)
+    "CertFreeCertificateContext": ("crypt32", W_BOOL, (W_PCCERT,)),
+    # wincrypt.h: BOOL CertGetCertificateContextProperty(PCCERT_CONTEXT pCertContext,
+    #     DWORD dwPropId, void *pvData, DWORD *pcbData)
+    "CertGetCertificateContextProperty": (
+        "crypt32",
+        W_BOOL,
+        (W_PCCERT, W_DWORD, W_VOIDP, P(W_DWORD)),
+    ),
+    # wincrypt.h: BOOL CertSetCertificateContextProperty(PCCERT_CONTEXT pCertContext,
+    #     DWORD dwPropId, DWORD dwFlags, const void *pvData)
+    "CertSetCertificateContextProperty": ("crypt32", W_BOOL, (W_PCCERT, W_DWORD, W_DWORD, W_VOIDP)),
+    # wincrypt.h: BOOL CertAddCertificateContextToStore(HCERTSTORE hCertStore,
+    #     PCCERT_CONTEXT pCertContext, DWORD dwAddDisposition, PCCERT_CONTEXT *ppStoreContext)
+    "CertAddCertificateContextToStore": (
+        "crypt32",
+        W_BOOL,
+        (W_HANDLE, W_PCCERT, W_DWORD, P(W_PCCERT)),
+    ),
+    # wincrypt.h: BOOL CertAddEncodedCertificateToStore(HCERTSTORE hCertStore,
+    #     DWORD dwCertEncodingType, const BYTE *pbCertEncoded, DWORD cbCertEncoded,
+    #     DWORD dwAddDisposition, PCCERT_CONTEXT *ppCertContext)
+    # const BYTE * takes the DER bytes: c_char_p (8-bit), never c_wchar_p.
+    "CertAddEncodedCertificateToStore": (
+        "crypt32",
+        W_BOOL,
+        (W_HANDLE, W_DWORD, ctypes.c_char_p, W_DWORD, W_DWORD, P(W_PCCERT)),
+    ),
+    # wincrypt.h: BOOL CertDeleteCertificateFromStore(PCCERT_CONTEXT pCertContext)
+    "CertDeleteCertificateFromStore": ("crypt32", W_BOOL, (W_PCCERT,)),
+    # wincrypt.h: BOOL CryptAcquireCertificatePrivateKey(PCCERT_CONTEXT pCert, DWORD dwFlags,
+    #     void *pvParameters, HCRYPTPROV_OR_NCRYPT_KEY_HANDLE *phCryptProvOrNCryptKey,
+    #     DWORD *pdwKeySpec, BOOL *pfCallerFreeProvOrNCryptKey)
+    # HCRYPTPROV_OR_NCRYPT_KEY_HANDLE is a ULONG_PTR.
+    "CryptAcquireCertificatePrivateKey": (
+        "crypt32",
+        W_BOOL,
+        (W_PCCERT, W_DWORD, W_VOIDP, P(W_ULONG_PTR), P(W_DWORD), P(W_BOOL)),
+    ),
+    # ncrypt.h: SECURITY_STATUS NCryptGetProperty(NCRYPT_HANDLE hObject, LPCWSTR pszProperty,
+    #     PBYTE pbOutput, DWORD cbOutput, DWORD *pcbResult, DWORD dwFlags)
+    "NCryptGetProperty": (
+        "ncrypt",
+        W_LONG,
+        (W_ULONG_PTR, W_LPCWSTR, W_VOIDP, W_DWORD, P(W_DWORD), W_DWORD),
+    ),
+    # ncrypt.h: SECURITY_STATUS NCryptSetProperty(NCRYPT_HANDLE hObject, LPCWSTR pszProperty,
+    #     PBYTE pbInput, DWORD cbInput, DWORD dwFlags)
+    "NCryptSetProperty": (
+        "ncrypt",
+        W_LONG,
+        (W_ULONG_PTR, W_LPCWSTR, W_VOIDP, W_DWORD, W_DWORD),
+    ),
+    # ncrypt.h: SECURITY_STATUS NCryptDeleteKey(NCRYPT_KEY_HANDLE hKey, DWORD dwFlags)
+    "NCryptDeleteKey": ("ncrypt", W_LONG, (W_ULONG_PTR, W_DWORD)),
+    # ncrypt.h: SECURITY_STATUS NCryptFreeObject(NCRYPT_HANDLE hObject)
+    "NCryptFreeObject": ("ncrypt", W_LONG, (W_ULONG_PTR,)),
+    # winbase.h: BOOL LookupAccountNameW(LPCWSTR lpSystemName, LPCWSTR lpAccountName, PSID Sid,
+    #     LPDWORD cbSid, LPWSTR ReferencedDomainName, LPDWORD cchReferencedDomainName,
+    #     PSID_NAME_USE peUse)
+    # SID_NAME_USE is a C enum (4 bytes).
+    "LookupAccountNameW": (
+        "advapi32",
+        W_BOOL,
+        (W_LPCWSTR, W_LPCWSTR, W_VOIDP, P(W_DWORD), W_LPCWSTR, P(W_DWORD), P(W_DWORD)),
+    ),
+    # sddl.h: BOOL ConvertSidToStringSidW(PSID Sid, LPWSTR *StringSid)
+    "ConvertSidToStringSidW": ("advapi32", W_BOOL, (W_VOIDP, P(W_VOIDP))),
+    # sddl.h: BOOL ConvertSecurityDescriptorToStringSecurityDescriptorW(
+    #     PSECURITY_DESCRIPTOR SecurityDescriptor, DWORD RequestedStringSDRevision,
+    #     SECURITY_INFORMATION SecurityInformation, LPWSTR *StringSecurityDescriptor,
+    #     PULONG StringSecurityDescriptorLen)
+    # SECURITY_INFORMATION is a DWORD (winnt.h).
+    "ConvertSecurityDescriptorToStringSecurityDescriptorW": (
+        "advapi32",
+        W_BOOL,
+        (W_VOIDP, W_DWORD, W_DWORD, P(W_VOIDP), P(W_ULONG)),
+    ),
+    # sddl.h: BOOL ConvertStringSecurityDescriptorToSecurityDescriptorW(
+    #     LPCWSTR StringSecurityDescriptor, DWORD StringSDRevision,
+    #     PSECURITY_DESCRIPTOR *SecurityDescriptor, PULONG SecurityDescriptorSize)
+    "ConvertStringSecurityDescriptorToSecurityDescriptorW": (
+        "advapi32",
+        W_BOOL,
+        (W_LPCWSTR, W_DWORD, P(W_VOIDP), P(W_ULONG)),
+    ),
+    # winbase.h: HLOCAL LocalFree(HLOCAL hMem)
+    "LocalFree": ("kernel32", W_HANDLE, (W_HANDLE,)),
+    # winbase.h: DWORD FormatMessageW(DWORD dwFlags, LPCVOID lpSource, DWORD dwMessageId,
+    #     DWORD dwLanguageId, LPWSTR lpBuffer, DWORD nSize, va_list *Arguments)
+    "FormatMessageW": (
+        "kernel32",
+        W_DWORD,
+        (W_DWORD, W_VOIDP, W_DWORD, W_DWORD, W_LPCWSTR, W_DWORD, W_VOIDP),
+    ),
 }
 
 _CTYPES_BASES = (
@@ -199,8 +326,20 @@ def test_every_function_has_restype_and_argtypes() -> None:
 
 
 def test_prototypes_match_sdk_signatures() -> None:
-    declared = {proto.name: (proto.dll, len(proto.argtypes)) for proto in binding.PROTOTYPES}
-    assert declared == SDK_FUNCTIONS
+    assert {proto.name for proto in binding.PROTOTYPES} == set(SDK_SIGNATURES)
+    for proto in binding.PROTOTYPES:
+        dll, restype, argtypes = SDK_SIGNATURES[proto.name]
+        assert proto.dll == dll, proto.name
+        assert proto.restype is restype, (proto.name, proto.restype, restype)
+        assert len(proto.argtypes) == len(argtypes), proto.name
+        for index, (declared, expected) in enumerate(zip(proto.argtypes, argtypes, strict=True)):
+            assert declared is expected, (proto.name, index, declared, expected)
+
+
+def test_signature_table_tells_the_types_apart() -> None:
+    # The check above compares identities, so it is only as sharp as these are distinct.
+    kinds = [W_DWORD, W_BOOL, W_ULONG_PTR, W_HANDLE, W_LPCWSTR, ctypes.c_char_p, W_PCCERT]
+    assert len(set(kinds)) == len(kinds)
 
 
 def test_binding_calls_only_declared_functions() -> None:
@@ -504,7 +643,7 @@ async def test_old_versions_stay_and_the_newest_install_is_current(
     assert current is not None and (current.version, current.thumbprint) == (V2, v2.thumbprint)
 
 
-async def test_same_certificate_reinstalled_replaces_it(
+async def test_same_certificate_reinstalled_is_updated_in_place(
     store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
 ) -> None:
     material = ca.issue()
@@ -515,8 +654,10 @@ async def test_same_certificate_reinstalled_replaces_it(
     await store.install(observed(), material, V3)  # a rollback: a new version, the old bytes
     assert len(fake.store(LM, MY)) == 2
     cert = fake.find(LM, MY, material.thumbprint)
-    assert cert is not None and cert.renewal is None  # replaced with its properties
+    assert cert is not None and cert.renewal is None  # no A -> B -> A renewal loop
     assert cert.description is not None and cert.description.count("kvcertsync:") == 1
+    assert [key.name for key in keys_of(fake, material)] == [cert.key_name]
+    assert len(fake.imports) == 2  # the rollback imported nothing
     current = await store.installed(observed())
     assert current is not None and (current.version, current.thumbprint) == (
         V3,
@@ -534,6 +675,93 @@ async def test_one_certificate_shared_by_two_secrets_keeps_both_identities(
     api = await store.installed(observed(OTHER_URL))
     assert web is not None and web.version == V1
     assert api is not None and api.version == V2
+
+
+async def test_one_certificate_for_two_secrets_keeps_one_key_with_both_grants(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    pool = fake.add_account("IIS AppPool\\Api")
+    material = ca.issue()
+    web = await store.install(observed(accounts=["Network Service"]), material, V1)
+    (cert,) = fake.store(LM, MY)
+    first_key = cert.key_name
+    api = await store.install(observed(OTHER_URL, accounts=["IIS AppPool\\Api"]), material, V2)
+    (cert,) = fake.store(LM, MY)
+    (key,) = keys_of(fake, material)  # one container: nothing orphaned
+    assert cert.key_name == key.name == first_key
+    assert key.dacl == f"D:PAI(A;;FA;;;SY)(A;;FA;;;BA)(A;;GR;;;S-1-5-20)(A;;GR;;;{pool})"
+    assert cert.description is not None
+    lines = cert.description.splitlines()
+    assert [line.split(" installed ")[0] for line in lines] == [
+        f"kvcertsync: {URL}/{V1}",
+        f"kvcertsync: {OTHER_URL}/{V2}",
+    ]
+    assert cert.friendly_name == "myvault.api"
+    assert len(fake.imports) == 1
+    assert await store.installed(observed()) == web
+    assert await store.installed(observed(OTHER_URL)) == api
+
+
+async def test_certificate_imported_by_hand_is_adopted_with_its_key(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    material = ca.issue()
+    seeded = fake.add(LM, MY, material, friendly_name="by hand", description="renewed by hand")
+    key = fake.key_of(seeded)
+    assert key is not None
+    key.dacl = "D:PAI(A;;FA;;;SY)(A;;FA;;;BA)(A;;GR;;;S-1-5-19)"
+    record = await store.install(observed(accounts=["Network Service"]), material, V1)
+    assert fake.imports == []
+    (cert,) = fake.store(LM, MY)
+    assert cert.key_name == key.name and list(fake.keys) == [key.name]
+    assert key.dacl == "D:PAI(A;;FA;;;SY)(A;;FA;;;BA)(A;;GR;;;S-1-5-19)(A;;GR;;;S-1-5-20)"
+    assert cert.description is not None
+    assert cert.description.splitlines()[0] == "renewed by hand"
+    assert cert.friendly_name == "myvault.web"
+    assert await store.installed(observed()) == record
+
+
+@pytest.mark.parametrize("how", ["certificate only", "key container gone"])
+async def test_same_certificate_without_a_usable_key_is_imported(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority, how: str
+) -> None:
+    material = ca.issue()
+    if how == "certificate only":
+        fake.add(LM, MY, material.certificate, description="cert only")
+    else:
+        seeded = fake.add(LM, MY, material, description="cert only")
+        del fake.keys[seeded.key_name or ""]
+    await store.install(observed(accounts=["Network Service"]), material, V1)
+    (cert,) = fake.store(LM, MY)
+    assert len(fake.imports) == 1
+    key = fake.key_of(cert)
+    assert key is not None and "(A;;GR;;;S-1-5-20)" in key.dacl
+    assert cert.description is not None and cert.description.startswith("cert only\n")
+
+
+@pytest.mark.parametrize("listing", ["as the fake lists", "reversed"])
+async def test_tied_identities_do_not_depend_on_the_listing_order(
+    store: WindowsCertStore,
+    fake: FakeWindowsCertBackend,
+    ca: TestAuthority,
+    monkeypatch: pytest.MonkeyPatch,
+    listing: str,
+) -> None:
+    # The same identity line on two certificates (a description copied by hand).
+    line = f"kvcertsync: {URL}/{V1} installed 2024-05-01T12:00:00.000001Z"
+    seeded = [fake.add(LM, MY, ca.issue(), description=line) for _ in range(2)]
+    if listing == "reversed":
+        original = fake.certificates
+
+        def reversed_listing(
+            location: str, store: str, prop_ids: Sequence[int]
+        ) -> list[binding.StoredCertificate]:
+            return original(location, store, prop_ids)[::-1]
+
+        monkeypatch.setattr(fake, "certificates", reversed_listing)
+    current = await store.installed(observed())
+    assert current is not None
+    assert current.thumbprint == max(cert.thumbprint for cert in seeded)
 
 
 async def test_foreign_descriptions_are_not_identities(
@@ -804,6 +1032,98 @@ async def test_failure_leaves_the_previous_certificate_current(
     assert fake.open_pfx_stores == 0
 
 
+# (Win32 function to fail, store named in the error, accounts of the second secret)
+IN_PLACE_FAILURE_POINTS = [
+    ("CertOpenStore", "LocalMachine\\MY", ()),
+    ("CryptAcquireCertificatePrivateKey", "LocalMachine\\MY", ()),
+    ("NCryptGetProperty", "LocalMachine\\MY", ()),
+    ("NCryptSetProperty", "LocalMachine\\MY", ("Network Service",)),
+    ("LookupAccountNameW", "LocalMachine\\MY", ("Network Service",)),
+    ("CertAddEncodedCertificateToStore", "LocalMachine\\CA", ()),
+    ("CertSetCertificateContextProperty", "LocalMachine\\MY", ()),
+]
+
+
+@pytest.mark.parametrize(("function", "where", "accounts"), IN_PLACE_FAILURE_POINTS)
+async def test_failure_updating_in_place_changes_nothing_current(
+    store: WindowsCertStore,
+    fake: FakeWindowsCertBackend,
+    ca: TestAuthority,
+    function: str,
+    where: str,
+    accounts: tuple[str, ...],
+) -> None:
+    material = ca.issue()
+    before = await store.install(observed(), material, V1)
+    (cert,) = fake.store(LM, MY)
+    description = cert.description
+    keys_before = {name: key.dacl for name, key in fake.keys.items()}
+    fake.fail(function)
+    with pytest.raises(StoreError) as caught:
+        await store.install(observed(OTHER_URL, accounts=list(accounts)), material, V2)
+    message = str(caught.value)
+    assert not isinstance(caught.value, InstallIncomplete)
+    assert message.startswith(f"{where}: cannot ")
+    assert f"{function} failed with {ACCESS_DENIED}" in message
+    assert await store.installed(observed(OTHER_URL)) is None
+    assert await store.installed(observed()) == before
+    assert cert.description == description
+    assert {name: key.dacl for name, key in fake.keys.items()} == keys_before
+    assert len(fake.imports) == 1
+
+
+async def test_failure_writing_the_description_in_place_is_the_commit_point(
+    store: WindowsCertStore,
+    fake: FakeWindowsCertBackend,
+    ca: TestAuthority,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    material = ca.issue()
+    before = await store.install(observed(), material, V1)
+    original = fake.set_property
+
+    def refuse_description(
+        location: str, store: str, thumbprint: str, prop_id: int, value: bytes | None
+    ) -> None:
+        if prop_id == binding.CERT_DESCRIPTION_PROP_ID:
+            raise Win32Error(5, "Access is denied.", "CertSetCertificateContextProperty")
+        original(location, store, thumbprint, prop_id, value)
+
+    monkeypatch.setattr(fake, "set_property", refuse_description)
+    with pytest.raises(StoreError, match="friendly name and description") as caught:
+        await WindowsCertStore(backend=fake).install(observed(OTHER_URL), material, V2)
+    assert not isinstance(caught.value, InstallIncomplete)
+    assert await store.installed(observed(OTHER_URL)) is None
+    assert await store.installed(observed()) == before
+
+
+async def test_failure_to_unlink_after_updating_in_place_is_reported(
+    store: WindowsCertStore,
+    fake: FakeWindowsCertBackend,
+    ca: TestAuthority,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    material = ca.issue()
+    await store.install(observed(), material, V1)
+    fake.set_property(LM, MY, material.thumbprint, binding.CERT_RENEWAL_PROP_ID, b"\1" * 20)
+    original = fake.set_property
+
+    def refuse_unlink(
+        location: str, store: str, thumbprint: str, prop_id: int, value: bytes | None
+    ) -> None:
+        if prop_id == binding.CERT_RENEWAL_PROP_ID:
+            raise Win32Error(5, "Access is denied.", "CertSetCertificateContextProperty")
+        original(location, store, thumbprint, prop_id, value)
+
+    monkeypatch.setattr(fake, "set_property", refuse_unlink)
+    with pytest.raises(InstallIncomplete) as caught:
+        await store.install(observed(OTHER_URL), material, V2)
+    assert f"remove the renewal link of {material.thumbprint}" in str(caught.value)
+    assert ACCESS_DENIED in str(caught.value)
+    current = await store.installed(observed(OTHER_URL))
+    assert current is not None and current == caught.value.installed
+
+
 async def test_failed_key_cleanup_is_logged_and_the_real_error_raised(
     store: WindowsCertStore,
     fake: FakeWindowsCertBackend,
@@ -833,6 +1153,22 @@ async def test_not_elevated_local_machine_is_access_denied(ca: TestAuthority) ->
     assert record.location == "CurrentUser\\MY"
 
 
+async def test_read_failure_in_installed_names_the_store_and_code(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    await store.install(observed(), ca.issue(), V1)
+    fake.fail("CertOpenStore")
+    with pytest.raises(StoreError) as caught:
+        await store.installed(observed())
+    assert str(caught.value) == (
+        f"LocalMachine\\MY: cannot list the store: CertOpenStore failed with {ACCESS_DENIED}"
+    )
+    fake.fail("CertOpenStore", binding.NTE_PERM)
+    with pytest.raises(StoreError, match=r"^LocalMachine\\MY: .*CertOpenStore.*0x80090010"):
+        await store.install(observed(), ca.issue(), V2)
+    assert len(fake.imports) == 1  # the install stopped at its first read
+
+
 async def test_listing_errors_name_the_store(
     store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
 ) -> None:
@@ -856,7 +1192,7 @@ class SimulatedWindows:
     """crypt32, ncrypt, advapi32 and kernel32 as Python, behind binding.PROTOTYPES."""
 
     def __init__(self) -> None:
-        self.last_error = 0
+        self.last_error = 0  # what SetLastError received: a DWORD
         self.stores: dict[tuple[int, str], dict[str, FakeCertificate]] = {}
         self.store_handles: dict[int, dict[str, FakeCertificate]] = {}
         self.contexts: dict[int, tuple[object, object, dict[str, FakeCertificate], str]] = {}
@@ -868,6 +1204,10 @@ class SimulatedWindows:
         self._next = 0x1000
 
     # ---- plumbing
+
+    def get_last_error(self) -> int:
+        """ctypes.get_last_error() on Windows: the DWORD read back as a signed C int."""
+        return ctypes.c_int32(self.last_error).value
 
     def api(self) -> binding.Api:
         return binding.Api({p.name: self._declared(p) for p in binding.PROTOTYPES})
@@ -1119,11 +1459,30 @@ class SimulatedWindows:
         assert self.allocations == {}
 
 
+class _SysOnWindows:
+    """The binding's view of ``sys``, saying win32: so _last_error reads ctypes.get_last_error."""
+
+    platform = "win32"
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(sys, name)
+
+
 @pytest.fixture
 def simulated(monkeypatch: pytest.MonkeyPatch) -> SimulatedWindows:
     sim = SimulatedWindows()
-    monkeypatch.setattr(binding, "_last_error", lambda: sim.last_error)
+    # Not _last_error itself: its Windows branch runs, against the value ctypes would hand it.
+    monkeypatch.setattr(binding, "sys", _SysOnWindows())
+    monkeypatch.setattr(ctypes, "get_last_error", sim.get_last_error, raising=False)
     return sim
+
+
+def test_simulated_last_error_is_signed_and_read_unsigned(simulated: SimulatedWindows) -> None:
+    simulated.last_error = binding.CRYPT_E_NOT_FOUND
+    assert ctypes.get_last_error() == -2146885628
+    assert binding._last_error() == 0x80092004
+    simulated.last_error = binding.ERROR_ACCESS_DENIED
+    assert binding._last_error() == 5
 
 
 def sim_store(
@@ -1187,6 +1546,30 @@ async def test_binding_removes_superseded_with_their_keys(
     certs = sim_store(simulated)
     assert list(certs) == [newest.thumbprint]
     assert list(simulated.keys) == [certs[newest.thumbprint].key_name]
+    simulated.assert_nothing_leaked()
+
+
+async def test_binding_updates_a_shared_certificate_in_place(
+    simulated: SimulatedWindows, ca: TestAuthority
+) -> None:
+    simulated.accounts["local service"] = "S-1-5-19"
+    store = WindowsCertStore(backend=binding.Crypt32Backend(api=simulated.api()))
+    material = ca.issue()
+    await store.install(observed(accounts=["Network Service"]), material, V1)
+    await store.install(observed(OTHER_URL, accounts=["Local Service"]), material, V2)
+    (cert,) = sim_store(simulated).values()
+    assert list(simulated.keys) == [cert.key_name]  # one key container, nothing orphaned
+    dacl = simulated.keys[cert.key_name or ""]["dacl"]
+    assert dacl == "D:PAI(A;;FA;;;SY)(A;;FA;;;BA)(A;;GR;;;S-1-5-20)(A;;GR;;;S-1-5-19)"
+    assert cert.description is not None
+    assert [line.split(" installed ")[0] for line in cert.description.splitlines()] == [
+        f"kvcertsync: {URL}/{V1}",
+        f"kvcertsync: {OTHER_URL}/{V2}",
+    ]
+    web = await store.installed(observed())
+    api = await store.installed(observed(OTHER_URL))
+    assert web is not None and web.version == V1
+    assert api is not None and api.version == V2
     simulated.assert_nothing_leaked()
 
 

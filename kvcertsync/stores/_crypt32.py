@@ -448,7 +448,7 @@ class Crypt32Backend:
     def certificates(
         self, location: str, store: str, prop_ids: Sequence[int]
     ) -> list[StoredCertificate]:
-        """Every certificate in a system store (enumeration order), with the asked properties."""
+        """Every certificate in a system store (in the store's own order), with those properties."""
         found: list[StoredCertificate] = []
         with self._system_store(location, store, write=False) as handle:
             context = None
@@ -511,6 +511,27 @@ class Crypt32Backend:
                     self._api.CertFreeCertificateContext(context)
                 if key is not None and key.owned:
                     self._api.NCryptFreeObject(key.handle)
+
+    def key_security(self, location: str, store: str, thumbprint: str) -> str:
+        """The DACL of the CNG key of a certificate in a system store, as SDDL."""
+        with (
+            self._system_store(location, store, write=False) as handle,
+            self._find(handle, thumbprint) as context,
+            self._key(context) as key,
+        ):
+            return self._key_security(key)
+
+    def set_key_security(self, location: str, store: str, thumbprint: str, sddl: str) -> None:
+        """Replace the DACL of the CNG key of a certificate in a system store (persisted).
+
+        The store is only searched, so it is opened read-only; the key's own DACL decides.
+        """
+        with (
+            self._system_store(location, store, write=False) as handle,
+            self._find(handle, thumbprint) as context,
+            self._key(context) as key,
+        ):
+            self._set_key_security(key, sddl)
 
     def lookup_account(self, name: str) -> str | None:
         """The string SID of an account name, or None when Windows knows no such account."""

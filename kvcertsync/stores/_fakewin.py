@@ -8,14 +8,17 @@ do where WindowsCertStore can tell the difference:
 - certificates are identified by SHA-1; CERT_STORE_ADD_REPLACE_EXISTING replaces the certificate
   and all its properties, CERT_STORE_ADD_USE_EXISTING keeps what is there, CERT_STORE_ADD_NEW fails
   with CRYPT_E_EXISTS;
-- system stores enumerate in thumbprint order (their registry keys are named by thumbprint), never
-  in the order certificates were added; a PFX import store enumerates in PFX order;
+- the order a system store enumerates in is not documented, so WindowsCertStore must not rely on
+  any order, and breaks ties deterministically; the fake lists in thumbprint order, which is stable
+  and deliberately unrelated to the order certificates were added; a PFX import store lists in PFX
+  order;
 - PFXImportCertStore persists the private key at import time (unless PKCS12_NO_PERSIST_KEY) into a
   machine or user key container with the exportable flag and a default DACL, and links it only to
   the certificate the key belongs to;
 - writes to LocalMachine need an elevated process (``elevated=False``: ERROR_ACCESS_DENIED);
 - errors are :class:`Win32Error` with the real codes, messages and failing function names, and any
-  call can be made to fail with :meth:`FakeWindowsCertBackend.fail`.
+  call can be made to fail with :meth:`FakeWindowsCertBackend.fail`, reads included: every store
+  opened, for reading or writing, goes through ``CertOpenStore``.
 """
 
 from __future__ import annotations
@@ -257,7 +260,7 @@ class FakeWindowsCertBackend:
     # ------------------------------------------------------------------ inspection
 
     def store(self, location: str, name: str) -> list[FakeCertificate]:
-        """A store's certificates in enumeration order (empty if it does not exist)."""
+        """A store's certificates in the order the fake lists them (empty if it does not exist)."""
         with self._lock:
             certs = self._stores.get((location, name.upper()), {})
             return [certs[thumbprint] for thumbprint in sorted(certs)]
@@ -326,8 +329,8 @@ class FakeWindowsCertBackend:
     ) -> list[StoredCertificate]:
         """CertOpenStore (existing, read-only) and CertEnumCertificatesInStore."""
         with self._lock:
-            self._enter("CertEnumCertificatesInStore")
             certs = self._open(location, store, write=False, function="CertOpenStore")
+            self._enter("CertEnumCertificatesInStore")
             return [
                 StoredCertificate(
                     cert.der,
@@ -369,6 +372,21 @@ class FakeWindowsCertBackend:
                 self._enter("NCryptDeleteKey")
                 del self.keys[cert.key_name]
 
+    def key_security(self, location: str, store: str, thumbprint: str) -> str:
+        """CryptAcquireCertificatePrivateKey + NCryptGetProperty on a system store's certificate."""
+        with self._lock:
+            certs = self._open(location, store, write=False, function="CertOpenStore")
+            key = self._key(_find(certs, thumbprint), "CryptAcquireCertificatePrivateKey")
+            self._enter("NCryptGetProperty")
+            return key.dacl
+
+    def set_key_security(self, location: str, store: str, thumbprint: str, sddl: str) -> None:
+        """CryptAcquireCertificatePrivateKey + NCryptSetProperty on a system store's certificate."""
+        with self._lock:
+            certs = self._open(location, store, write=False, function="CertOpenStore")
+            key = self._key(_find(certs, thumbprint), "CryptAcquireCertificatePrivateKey")
+            self._set_dacl(key, sddl)
+
     def lookup_account(self, name: str) -> str | None:
         """LookupAccountNameW + ConvertSidToStringSidW."""
         with self._lock:
@@ -388,12 +406,12 @@ class FakeWindowsCertBackend:
     ) -> dict[str, FakeCertificate]:
         if location not in LOCATION_FLAGS:
             raise _error(ERROR_INVALID_PARAMETER, function)
+        self._enter(function)
         key = (location, store.upper())
         if not write:
             if key not in self._stores:
                 raise _error(ERROR_FILE_NOT_FOUND, function)
             return self._stores[key]
-        self._enter(function)
         if location == "LocalMachine" and not self.elevated:
             raise _error(ERROR_ACCESS_DENIED, function)
         return self._stores.setdefault(key, {})
@@ -443,12 +461,21 @@ class FakeWindowsCertBackend:
         return f"D:PAI(A;;FA;;;SY)(A;;FA;;;{self.user_sid})"
 
     def _key(self, cert: FakeCertificate, function: str) -> FakeKey:
+        self._enter(function)
         if cert.key_name is None:
             raise _error(CRYPT_E_NO_KEY_PROPERTY, function)
         key = self.keys.get(cert.key_name)
         if key is None:
             raise _error(NTE_BAD_KEYSET, function)
         return key
+
+    def _set_dacl(self, key: FakeKey, sddl: str) -> None:
+        function = "ConvertStringSecurityDescriptorToSecurityDescriptorW"
+        self._enter(function)
+        if not sddl.startswith("D:") or sddl.count("(") != sddl.count(")"):
+            raise _error(ERROR_INVALID_PARAMETER, function)
+        self._enter("NCryptSetProperty")
+        key.dacl = sddl
 
 
 class FakePfxStore:
@@ -483,13 +510,7 @@ class FakePfxStore:
         with backend._lock:
             cert = _find(self._live("CertFindCertificateInStore"), thumbprint)
             key = backend._key(cert, "CryptAcquireCertificatePrivateKey")
-            backend._enter("ConvertStringSecurityDescriptorToSecurityDescriptorW")
-            if not sddl.startswith("D:") or sddl.count("(") != sddl.count(")"):
-                raise _error(
-                    ERROR_INVALID_PARAMETER, "ConvertStringSecurityDescriptorToSecurityDescriptorW"
-                )
-            backend._enter("NCryptSetProperty")
-            key.dacl = sddl
+            backend._set_dacl(key, sddl)
 
     def add_to_store(self, thumbprint: str, location: str, store: str, disposition: int) -> None:
         """CertAddCertificateContextToStore: the context's properties travel with it."""

@@ -18,6 +18,14 @@ What an install does, in order (nothing is visible as current until the last ste
 
 A failure before step 5 deletes the key the import created and raises StoreError; a failure after it
 raises :class:`InstallIncomplete`, whose ``installed`` says what is now current.
+
+When the very same certificate (same SHA-1) is already in the target store with a private key (a
+second observed secret holding it, a rollback, an administrator's import), nothing is imported:
+another PFXImportCertStore would create a second key container, and replacing the certificate would
+point it at that one, orphaning the old container and losing the read access granted on it. The
+accounts are granted on the existing key instead, the intermediates added, the friendly name set,
+and the description written last (the commit point); then its CERT_RENEWAL_PROP_ID is removed, as a
+replacement would have done (keeping it could make A -> B -> A renewal loops).
 """
 
 from __future__ import annotations
@@ -47,10 +55,13 @@ from kvcertsync.stores._crypt32 import (
     CERT_RENEWAL_PROP_ID,
     CERT_STORE_ADD_REPLACE_EXISTING,
     CERT_STORE_ADD_USE_EXISTING,
+    CRYPT_E_NO_KEY_PROPERTY,
     CRYPT_EXPORTABLE,
     CRYPT_MACHINE_KEYSET,
     CRYPT_USER_KEYSET,
     ERROR_FILE_NOT_FOUND,
+    NTE_BAD_KEYSET,
+    NTE_BAD_PROVIDER,
     PKCS12_PREFER_CNG_KSP,
     StoredCertificate,
     Win32Error,
@@ -89,6 +100,9 @@ _IDENTITY = re.compile(
 )
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 _TICK = timedelta(microseconds=1)
+#: Win32 errors that mean "this certificate has no private key CNG can open" (rather than "cannot
+#: read it"): no CERT_KEY_PROV_INFO, a container that is gone, a key CNG does not handle.
+_NO_USABLE_KEY = frozenset({CRYPT_E_NO_KEY_PROPERTY, NTE_BAD_KEYSET, NTE_BAD_PROVIDER})
 
 
 # --------------------------------------------------------------------------- backend interface
@@ -132,8 +146,9 @@ class WindowsCertBackend(Protocol):
     def certificates(
         self, location: str, store: str, prop_ids: Sequence[int]
     ) -> list[StoredCertificate]:
-        """A system store's certificates, in enumeration order, with those properties present.
+        """A system store's certificates, with those properties present.
 
+        The order is whatever the store enumerates: undocumented, so nothing may depend on it.
         A store that does not exist raises Win32Error(ERROR_FILE_NOT_FOUND).
         """
         ...
@@ -150,6 +165,18 @@ class WindowsCertBackend(Protocol):
 
     def delete(self, location: str, store: str, thumbprint: str, *, delete_key: bool) -> None:
         """Delete a certificate from a system store, and its private key when asked."""
+        ...
+
+    def key_security(self, location: str, store: str, thumbprint: str) -> str:
+        """The DACL of the CNG key of a certificate in a system store, as SDDL ("D:...").
+
+        A certificate without a private key CNG can open raises Win32Error with
+        CRYPT_E_NO_KEY_PROPERTY, NTE_BAD_KEYSET or NTE_BAD_PROVIDER.
+        """
+        ...
+
+    def set_key_security(self, location: str, store: str, thumbprint: str, sddl: str) -> None:
+        """Replace the DACL of the CNG key of a certificate in a system store (persisted)."""
         ...
 
     def lookup_account(self, name: str) -> str | None:
@@ -520,9 +547,19 @@ class WindowsCertStore:
                 not_after=material.not_after,
                 location=where,
             )
-            self._stage_and_commit(observed, material, location, store, where, description, sids)
-            logger.info("%s: installed %s version %s (%s)", where, observed.uri, version, leaf)
             problems: list[str] = []
+            updated = None
+            if same is not None:
+                updated = self._update_in_place(
+                    same, observed, material, location, store, where, description, sids
+                )
+            if updated is None:
+                self._stage_and_commit(
+                    observed, material, location, store, where, description, sids
+                )
+            else:
+                problems += updated
+            logger.info("%s: installed %s version %s (%s)", where, observed.uri, version, leaf)
             if unknown:
                 names = ", ".join(repr(name) for name in unknown)
                 problems.append(
@@ -563,20 +600,10 @@ class WindowsCertStore:
             if sids:
                 with _win32(where, "grant accounts read access to the private key"):
                     current = staged.key_security(leaf)
-                    owners = _MACHINE_KEY_OWNERS if location == "LocalMachine" else ()
-                    try:
-                        wanted = _grant_read_access(current, sids, full_control=owners)
-                    except ValueError as error:
-                        raise StoreError(f"{where}: {error}") from None
+                    wanted = _granted(current, sids, location, where)
                     if wanted != current:
                         staged.set_key_security(leaf, wanted)
-            ca_store = f"{location}\\{INTERMEDIATE_STORE}"
-            for cert in _intermediates(material):
-                der = cert.public_bytes(serialization.Encoding.DER)
-                with _win32(ca_store, f"add intermediate {_thumbprint(der)}"):
-                    self._backend.add_encoded(
-                        location, INTERMEDIATE_STORE, der, CERT_STORE_ADD_USE_EXISTING
-                    )
+            self._add_intermediates(material, location)
             with _win32(where, "add the certificate to the store"):
                 staged.add_to_store(leaf, location, store, CERT_STORE_ADD_REPLACE_EXISTING)
             committed = True
@@ -586,6 +613,68 @@ class WindowsCertStore:
                     _discard(staged, leaf, where)
             finally:
                 staged.close()
+
+    def _update_in_place(
+        self,
+        same: _Entry,
+        observed: ObservedCertificate,
+        material: CertificateMaterial,
+        location: str,
+        store: str,
+        where: str,
+        description: str,
+        sids: Sequence[str],
+    ) -> list[str] | None:
+        """Install over the identical certificate already in the store, keeping its private key.
+
+        Returns the problems after the commit, or None when that certificate has no private key
+        CNG can open: then it has to be imported (and replaced) after all.
+        """
+        leaf = same.thumbprint
+        try:
+            current = self._backend.key_security(location, store, leaf)
+        except Win32Error as error:
+            if error.code in _NO_USABLE_KEY:
+                logger.info(
+                    "%s: %s is there without a usable private key (%s); importing it",
+                    where,
+                    leaf,
+                    error,
+                )
+                return None
+            raise StoreError(
+                f"{where}: cannot read the private key access of {leaf}: {error}"
+            ) from error
+        if sids:
+            with _win32(where, "grant accounts read access to the private key"):
+                wanted = _granted(current, sids, location, where)
+                if wanted != current:
+                    self._backend.set_key_security(location, store, leaf, wanted)
+        self._add_intermediates(material, location)
+        friendly = _encode_text(_friendly_name(observed.uri))
+        with _win32(where, "set the certificate's friendly name and description"):
+            self._backend.set_property(location, store, leaf, CERT_FRIENDLY_NAME_PROP_ID, friendly)
+            # The commit point: from here on this install is the current one.
+            self._backend.set_property(
+                location, store, leaf, CERT_DESCRIPTION_PROP_ID, _encode_text(description)
+            )
+        problems: list[str] = []
+        if same.renewal is not None:
+            try:
+                with _win32(where, f"remove the renewal link of {leaf}"):
+                    self._backend.set_property(location, store, leaf, CERT_RENEWAL_PROP_ID, None)
+            except StoreError as error:
+                problems.append(str(error))
+        return problems
+
+    def _add_intermediates(self, material: CertificateMaterial, location: str) -> None:
+        ca_store = f"{location}\\{INTERMEDIATE_STORE}"
+        for cert in _intermediates(material):
+            der = cert.public_bytes(serialization.Encoding.DER)
+            with _win32(ca_store, f"add intermediate {_thumbprint(der)}"):
+                self._backend.add_encoded(
+                    location, INTERMEDIATE_STORE, der, CERT_STORE_ADD_USE_EXISTING
+                )
 
     def _resolve(self, accounts: Sequence[str], where: str) -> tuple[list[str], list[str]]:
         sids: list[str] = []
@@ -701,6 +790,15 @@ def _target(observed: ObservedCertificate) -> tuple[str, str]:
     return location, store
 
 
+def _granted(current: str, sids: Sequence[str], location: str, where: str) -> str:
+    """The key's DACL with read for ``sids`` (and full control for the machine key owners)."""
+    owners = _MACHINE_KEY_OWNERS if location == "LocalMachine" else ()
+    try:
+        return _grant_read_access(current, sids, full_control=owners)
+    except ValueError as error:
+        raise StoreError(f"{where}: {error}") from None
+
+
 def _check_key(material: CertificateMaterial, where: str) -> None:
     if isinstance(material.private_key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
         raise StoreError(
@@ -719,15 +817,14 @@ def _next_time(entries: Sequence[_Entry], observed: ObservedCertificate) -> date
 def _current(
     entries: Sequence[_Entry], observed: ObservedCertificate, where: str
 ) -> InstalledCertificate | None:
-    best: tuple[_Entry, _Identity] | None = None
-    for entry in entries:
-        for identity in entry.identities_for(observed.uri):
-            # Ties go to the later one enumerated; times are strictly increasing per URL anyway.
-            if best is None or identity.installed_at >= best[1].installed_at:
-                best = (entry, identity)
-    if best is None:
+    found = [
+        (entry, identity) for entry in entries for identity in entry.identities_for(observed.uri)
+    ]
+    if not found:
         return None
-    entry, identity = best
+    # Times are strictly increasing per URL; a tie (a description copied by hand) goes to the
+    # greater thumbprint, never to the enumeration order, which nothing documents.
+    entry, identity = max(found, key=lambda pair: (pair[1].installed_at, pair[0].thumbprint))
     certificate = x509.load_der_x509_certificate(entry.der)
     assert identity.uri.version is not None  # _Identity.parse only keeps versioned URLs
     return InstalledCertificate(
