@@ -187,6 +187,22 @@ class WindowsCertBackend(Protocol):
 # ----------------------------------------------------------------------------------- errors
 
 
+@attrs.frozen
+class _Plan:
+    """One install: what goes where, described how, readable by whom."""
+
+    observed: ObservedCertificate
+    material: CertificateMaterial
+    location: str
+    store: str
+    description: str
+    sids: tuple[str, ...]
+
+    @property
+    def where(self) -> str:
+        return f"{self.location}\\{self.store}"
+
+
 @contextlib.contextmanager
 def _win32(where: str, what: str) -> Iterator[None]:
     """Turn a Win32Error into a StoreError naming the store and the step."""
@@ -547,16 +563,11 @@ class WindowsCertStore:
                 not_after=material.not_after,
                 location=where,
             )
+            plan = _Plan(observed, material, location, store, description, tuple(sids))
             problems: list[str] = []
-            updated = None
-            if same is not None:
-                updated = self._update_in_place(
-                    same, observed, material, location, store, where, description, sids
-                )
+            updated = self._update_in_place(same, plan) if same is not None else None
             if updated is None:
-                self._stage_and_commit(
-                    observed, material, location, store, where, description, sids
-                )
+                self._stage_and_commit(plan)
             else:
                 problems += updated
             logger.info("%s: installed %s version %s (%s)", where, observed.uri, version, leaf)
@@ -576,55 +587,38 @@ class WindowsCertStore:
             raise error
         return record
 
-    def _stage_and_commit(
-        self,
-        observed: ObservedCertificate,
-        material: CertificateMaterial,
-        location: str,
-        store: str,
-        where: str,
-        description: str,
-        sids: Sequence[str],
-    ) -> None:
-        leaf = material.thumbprint
-        friendly = _friendly_name(observed.uri)
-        pfx, password = _pfx_for_import(material, friendly)
-        flags = _import_flags(location, observed.key_exportable)
-        with _win32(where, "import the certificate and its private key (PFXImportCertStore)"):
+    def _stage_and_commit(self, plan: _Plan) -> None:
+        leaf = plan.material.thumbprint
+        friendly = _friendly_name(plan.observed.uri)
+        pfx, password = _pfx_for_import(plan.material, friendly)
+        flags = _import_flags(plan.location, plan.observed.key_exportable)
+        with _win32(plan.where, "import the certificate and its private key (PFXImportCertStore)"):
             staged = self._backend.import_pfx(pfx, password, flags)
         committed = False
         try:
-            with _win32(where, "set the certificate's friendly name and description"):
+            with _win32(plan.where, "set the certificate's friendly name and description"):
                 staged.set_property(leaf, CERT_FRIENDLY_NAME_PROP_ID, _encode_text(friendly))
-                staged.set_property(leaf, CERT_DESCRIPTION_PROP_ID, _encode_text(description))
-            if sids:
-                with _win32(where, "grant accounts read access to the private key"):
+                staged.set_property(leaf, CERT_DESCRIPTION_PROP_ID, _encode_text(plan.description))
+            if plan.sids:
+                with _win32(plan.where, "grant accounts read access to the private key"):
                     current = staged.key_security(leaf)
-                    wanted = _granted(current, sids, location, where)
+                    wanted = _granted(current, plan.sids, plan.location, plan.where)
                     if wanted != current:
                         staged.set_key_security(leaf, wanted)
-            self._add_intermediates(material, location)
-            with _win32(where, "add the certificate to the store"):
-                staged.add_to_store(leaf, location, store, CERT_STORE_ADD_REPLACE_EXISTING)
+            self._add_intermediates(plan.material, plan.location)
+            with _win32(plan.where, "add the certificate to the store"):
+                staged.add_to_store(
+                    leaf, plan.location, plan.store, CERT_STORE_ADD_REPLACE_EXISTING
+                )
             committed = True
         finally:
             try:
                 if not committed:
-                    _discard(staged, leaf, where)
+                    _discard(staged, leaf, plan.where)
             finally:
                 staged.close()
 
-    def _update_in_place(
-        self,
-        same: _Entry,
-        observed: ObservedCertificate,
-        material: CertificateMaterial,
-        location: str,
-        store: str,
-        where: str,
-        description: str,
-        sids: Sequence[str],
-    ) -> list[str] | None:
+    def _update_in_place(self, same: _Entry, plan: _Plan) -> list[str] | None:
         """Install over the identical certificate already in the store, keeping its private key.
 
         Returns the problems after the commit, or None when that certificate has no private key
@@ -632,37 +626,45 @@ class WindowsCertStore:
         """
         leaf = same.thumbprint
         try:
-            current = self._backend.key_security(location, store, leaf)
+            current = self._backend.key_security(plan.location, plan.store, leaf)
         except Win32Error as error:
             if error.code in _NO_USABLE_KEY:
                 logger.info(
                     "%s: %s is there without a usable private key (%s); importing it",
-                    where,
+                    plan.where,
                     leaf,
                     error,
                 )
                 return None
             raise StoreError(
-                f"{where}: cannot read the private key access of {leaf}: {error}"
+                f"{plan.where}: cannot read the private key access of {leaf}: {error}"
             ) from error
-        if sids:
-            with _win32(where, "grant accounts read access to the private key"):
-                wanted = _granted(current, sids, location, where)
+        if plan.sids:
+            with _win32(plan.where, "grant accounts read access to the private key"):
+                wanted = _granted(current, plan.sids, plan.location, plan.where)
                 if wanted != current:
-                    self._backend.set_key_security(location, store, leaf, wanted)
-        self._add_intermediates(material, location)
-        friendly = _encode_text(_friendly_name(observed.uri))
-        with _win32(where, "set the certificate's friendly name and description"):
-            self._backend.set_property(location, store, leaf, CERT_FRIENDLY_NAME_PROP_ID, friendly)
+                    self._backend.set_key_security(plan.location, plan.store, leaf, wanted)
+        self._add_intermediates(plan.material, plan.location)
+        friendly = _encode_text(_friendly_name(plan.observed.uri))
+        with _win32(plan.where, "set the certificate's friendly name and description"):
+            self._backend.set_property(
+                plan.location, plan.store, leaf, CERT_FRIENDLY_NAME_PROP_ID, friendly
+            )
             # The commit point: from here on this install is the current one.
             self._backend.set_property(
-                location, store, leaf, CERT_DESCRIPTION_PROP_ID, _encode_text(description)
+                plan.location,
+                plan.store,
+                leaf,
+                CERT_DESCRIPTION_PROP_ID,
+                _encode_text(plan.description),
             )
         problems: list[str] = []
         if same.renewal is not None:
             try:
-                with _win32(where, f"remove the renewal link of {leaf}"):
-                    self._backend.set_property(location, store, leaf, CERT_RENEWAL_PROP_ID, None)
+                with _win32(plan.where, f"remove the renewal link of {leaf}"):
+                    self._backend.set_property(
+                        plan.location, plan.store, leaf, CERT_RENEWAL_PROP_ID, None
+                    )
             except StoreError as error:
                 problems.append(str(error))
         return problems
