@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import grp
+import logging
 import os
+import pwd
 import random
 import re
 import shutil
@@ -11,7 +14,9 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -29,6 +34,9 @@ from kvcertsync.sources import MemorySource
 from kvcertsync.stores.pemdir import PemDirectoryStore
 
 OPENSSL = shutil.which("openssl")
+SETFACL = shutil.which("setfacl")
+RUNUSER = shutil.which("runuser")
+SETPRIV = shutil.which("setpriv")
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 V1, V2, V3, V4 = (f"{i:032x}" for i in range(1, 5))
 URL = "https://myvault.vault.azure.net/secrets/web"
@@ -534,3 +542,300 @@ async def test_concurrent_installs_create_the_directory_once(
         for cert, material in zip(certs, materials, strict=True):
             tg.start_soon(store.install, cert, material, V1)
     assert len([p for p in target.iterdir() if p.is_symlink()]) == 8
+
+
+# ------------------------------------------------------------------------- readers through the path
+
+
+def _known(database: str, name: str) -> bool:
+    try:
+        (pwd.getpwnam if database == "passwd" else grp.getgrnam)(name)
+    except KeyError:
+        return False
+    return True
+
+
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="acting as other users needs root")
+with_setfacl = pytest.mark.skipif(SETFACL is None, reason="setfacl (package acl) not installed")
+with_users = pytest.mark.skipif(
+    not (_known("passwd", "www-data") and _known("passwd", "nobody")),
+    reason="needs the users www-data and nobody",
+)
+with_nogroup = pytest.mark.skipif(not _known("group", "nogroup"), reason="no group nogroup")
+with_switch = pytest.mark.skipif(
+    RUNUSER is None and SETPRIV is None, reason="needs runuser or setpriv (util-linux)"
+)
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="extended attributes: Linux")
+
+
+def as_user(user: str, *argv: str) -> subprocess.CompletedProcess[bytes]:
+    """Run ``argv`` as ``user`` with that user's own groups: a real other process."""
+    if RUNUSER is not None:
+        command = [RUNUSER, "-u", user, "--", *argv]
+    else:
+        assert SETPRIV is not None
+        account = pwd.getpwnam(user)
+        command = [
+            SETPRIV,
+            f"--reuid={account.pw_uid}",
+            f"--regid={account.pw_gid}",
+            "--init-groups",
+            *argv,
+        ]
+    return subprocess.run(command, capture_output=True, timeout=30, check=False, cwd="/")
+
+
+def getfacl(path: Path) -> str:
+    return run("getfacl", "-p", str(path)).stdout
+
+
+def has_acl(path: Path) -> bool:
+    try:
+        os.getxattr(path, "system.posix_acl_access")
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture
+def shared_base() -> Iterator[Path]:
+    """A root-owned 0711 directory others can traverse (tmp_path's parents are 0700), so a test
+    sees exactly what the store creates below it."""
+    base = Path(tempfile.mkdtemp(prefix="kvcertsync-test-", dir="/tmp"))
+    try:
+        base.chmod(0o711)
+        if _known("passwd", "www-data") and as_user("www-data", "test", "-x", str(base)).returncode:
+            pytest.skip(f"www-data cannot reach {base}")
+        yield base
+    finally:
+        shutil.rmtree(base)
+
+
+@as_root
+@with_setfacl
+@with_users
+@with_switch
+@pytest.mark.anyio
+@pytest.mark.parametrize("layout", ["kvlinux", "split"])
+async def test_an_acl_user_reads_the_key_through_directories_the_store_created(
+    shared_base: Path, material: CertificateMaterial, layout: str
+) -> None:
+    a, b = shared_base / "a", shared_base / "a" / "b"
+    store_dir = b / "store"
+    cert = observed(store_dir, acls=[Acl(user="www-data", group=None)])
+    await PemDirectoryStore(layout=layout).install(cert, material, V1)  # type: ignore[arg-type]
+    link = store_dir / "myvault.web"
+    if layout == "kvlinux":
+        files = {link: material.to_pem_bundle()}
+    else:
+        files = {link / "privkey.pem": material.key_pem(), link / "cert.pem": material.cert_pem()}
+    for path, data in files.items():
+        read = as_user("www-data", "cat", str(path))
+        assert read.returncode == 0, read.stderr
+        assert read.stdout == data
+        denied = as_user("nobody", "cat", str(path))
+        assert denied.returncode != 0 and denied.stdout == b""
+        assert b"Permission denied" in denied.stderr
+    for directory in (a, b, store_dir):
+        # Traversal only: 0710 shows the ACL mask (--x); no group or other read or write.
+        assert mode(directory) & 0o067 == 0, f"{directory}: {mode(directory):04o}"
+        acl = getfacl(directory)
+        assert "user:www-data:--x" in acl and "other::---" in acl
+        for user in ("www-data", "nobody"):
+            assert as_user(user, "ls", str(directory)).returncode != 0  # never a listing
+    assert "user:nobody" not in getfacl(a)
+
+
+@as_root
+@with_setfacl
+@with_users
+@with_switch
+@linux_only
+@pytest.mark.anyio
+async def test_readers_added_later_get_through_directories_an_earlier_run_created(
+    shared_base: Path, ca: TestAuthority
+) -> None:
+    store_dir = shared_base / "a" / "b" / "store"
+    link = store_dir / "myvault.web"
+    await PemDirectoryStore().install(observed(store_dir), ca.issue(["l.example"]), V1)
+    for directory in (shared_base / "a", shared_base / "a" / "b", store_dir):
+        assert mode(directory) == 0o700 and not has_acl(directory)  # no reader: nothing shared
+    assert as_user("www-data", "cat", str(link)).returncode != 0
+
+    renewed = ca.issue(["l.example"])
+    later = observed(store_dir, acls=[Acl(user="www-data", group="ssl-cert")])
+    await PemDirectoryStore().install(later, renewed, V2)  # a new store: a restarted agent
+    read = as_user("www-data", "cat", str(link))
+    assert read.returncode == 0, read.stderr
+    assert read.stdout == renewed.to_pem_bundle()
+    acl = getfacl(shared_base / "a")
+    assert "user:www-data:--x" in acl and "group:ssl-cert:--x" in acl
+    assert as_user("nobody", "cat", str(link)).returncode != 0
+
+
+@as_root
+@with_setfacl
+@with_users
+@with_switch
+@linux_only
+@pytest.mark.anyio
+@pytest.mark.parametrize("layout", ["kvlinux", "split"])
+async def test_installing_the_same_version_again_shares_it_with_readers_added_since(
+    shared_base: Path, material: CertificateMaterial, layout: str
+) -> None:
+    store_dir = shared_base / "a" / "store"
+    key = store_dir / "myvault.web" / ("privkey.pem" if layout == "split" else "")
+    await PemDirectoryStore(layout=layout).install(observed(store_dir), material, V1)  # type: ignore[arg-type]
+    before = key.stat()
+    assert as_user("www-data", "cat", str(key)).returncode != 0
+    later = observed(store_dir, acls=[Acl(user="www-data", group=None)])
+    await PemDirectoryStore(layout=layout).install(later, material, V1)  # type: ignore[arg-type]
+    read = as_user("www-data", "cat", str(key))
+    assert read.returncode == 0, read.stderr
+    assert read.stdout == (material.key_pem() if layout == "split" else material.to_pem_bundle())
+    after = key.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not rewritten
+    assert stat.S_IMODE(after.st_mode) == 0o640  # 0600 and the ACL mask (r--): nobody else
+    assert as_user("nobody", "cat", str(key)).returncode != 0
+
+
+@as_root
+@with_setfacl
+@with_users
+@with_switch
+@pytest.mark.anyio
+async def test_directories_it_did_not_create_are_left_alone_with_a_warning(
+    shared_base: Path,
+    ca: TestAuthority,
+    material: CertificateMaterial,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    system = shared_base / "waagent"  # like /var/lib/waagent: root's, 0700, not ours
+    system.mkdir(mode=0o700)
+    store_dir = system / "Microsoft.Azure.KeyVault" / "app1"
+    link = store_dir / "myvault.web"
+    cert = observed(store_dir, acls=[Acl(user="www-data", group=None)])
+    with caplog.at_level(logging.WARNING, logger="kvcertsync.stores.pemdir"):
+        await PemDirectoryStore().install(cert, material, V1)
+    assert mode(system) == 0o700 and not has_acl(system)
+    assert "user:www-data:--x" in getfacl(system / "Microsoft.Azure.KeyVault")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert f"user www-data cannot traverse {system} (owner root (uid 0), mode 0700)" in warnings[0]
+    assert f"certificates in {store_dir}" in warnings[0]
+    assert f"setfacl -m u:www-data:x {system}" in warnings[0]
+    assert as_user("www-data", "cat", str(link)).returncode != 0  # the warning is true
+
+    # The administrator follows the advice: the key is readable, and no more warnings.
+    assert run("setfacl", "-m", "u:www-data:x", str(system)).returncode == 0
+    read = as_user("www-data", "cat", str(link))
+    assert read.returncode == 0 and read.stdout == material.to_pem_bundle()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kvcertsync.stores.pemdir"):
+        await PemDirectoryStore().install(cert, ca.issue(["w.example"]), V2)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+@as_root
+@with_users
+@with_nogroup
+@with_switch
+@linux_only
+@pytest.mark.anyio
+async def test_without_setfacl_created_directories_let_the_single_group_through(
+    shared_base: Path, material: CertificateMaterial, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_which = shutil.which
+    monkeypatch.setattr(
+        shutil, "which", lambda n, *a, **k: None if n == "setfacl" else real_which(n)
+    )
+    nogroup = grp.getgrnam("nogroup").gr_gid
+    store_dir = shared_base / "a" / "b" / "store"
+    cert = observed(store_dir, acls=[Acl(user=None, group="nogroup")])
+    await PemDirectoryStore().install(cert, material, V1)
+    for directory in (shared_base / "a", shared_base / "a" / "b"):
+        assert mode(directory) == 0o710 and directory.stat().st_gid == nogroup  # g+x only
+        assert not has_acl(directory)
+    assert mode(store_dir) == 0o750 and store_dir.stat().st_gid == nogroup
+    version_file = store_dir / f"myvault.web.{V1}"
+    assert mode(version_file) == 0o640 and version_file.stat().st_gid == nogroup
+    read = as_user("nobody", "cat", str(store_dir / "myvault.web"))  # nobody is in nogroup
+    assert read.returncode == 0, read.stderr
+    assert read.stdout == material.to_pem_bundle()
+    assert as_user("www-data", "cat", str(version_file)).returncode != 0  # not in nogroup
+    assert as_user("nobody", "ls", str(shared_base / "a")).returncode != 0
+    with pytest.raises(StoreError, match="setfacl is not installed"):
+        await PemDirectoryStore().install(
+            observed(shared_base / "u" / "store", acls=[Acl(user="www-data", group=None)]),
+            material,
+            V1,
+        )
+
+
+@as_root
+@with_setfacl
+@with_users
+@with_nogroup
+@with_switch
+@pytest.mark.anyio
+async def test_the_group_option_lets_its_group_through_created_directories(
+    shared_base: Path, material: CertificateMaterial
+) -> None:
+    store_dir = shared_base / "a" / "store"
+    store = PemDirectoryStore(layout="split", group="nogroup", file_mode=0o640)
+    await store.install(observed(store_dir), material, V1)
+    acl = getfacl(shared_base / "a")
+    assert f"group:{grp.getgrnam('nogroup').gr_gid}:--x" in acl or "group:nogroup:--x" in acl
+    assert mode(shared_base / "a") & 0o067 == 0
+    key = store_dir / "myvault.web" / "privkey.pem"
+    read = as_user("nobody", "cat", str(key))
+    assert read.returncode == 0, read.stderr
+    assert read.stdout == material.key_pem()
+    assert as_user("www-data", "cat", str(key)).returncode != 0
+
+
+@linux_only
+@pytest.mark.anyio
+async def test_without_readers_created_directories_stay_0700_and_are_marked(
+    tmp_path: Path, material: CertificateMaterial
+) -> None:
+    store_dir = tmp_path / "a" / "b" / "store"
+    await PemDirectoryStore().install(observed(store_dir), material, V1)
+    for directory in (tmp_path / "a", tmp_path / "a" / "b", store_dir):
+        assert mode(directory) == 0o700 and not has_acl(directory)
+        assert os.getxattr(directory, "user.kvcertsync.created") == b"1"
+    with pytest.raises(OSError):
+        os.getxattr(tmp_path, "user.kvcertsync.created")  # not created by the store
+
+
+@with_setfacl
+@with_users
+@linux_only
+@pytest.mark.anyio
+async def test_concurrent_installs_let_every_reader_through_the_shared_parents(
+    tmp_path: Path, ca: TestAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_setxattr = os.setxattr
+
+    def slow_setxattr(*args: object, **kwargs: object) -> None:
+        time.sleep(0.05)  # widen the window between mkdir and the mark another thread sees
+        real_setxattr(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "setxattr", slow_setxattr)
+    store = PemDirectoryStore()
+    parent = tmp_path / "shared"
+    certs = [
+        ObservedCertificate.of(
+            f"https://v{i}x.vault.azure.net/secrets/w",
+            store_location=str(parent / f"app{i % 2}"),
+            acls=[Acl(user=("www-data", "nobody")[i % 2], group=None)],
+        )
+        for i in range(8)
+    ]
+    async with anyio.create_task_group() as tg:
+        for i, cert in enumerate(certs):
+            tg.start_soon(store.install, cert, ca.issue([f"c{i}.example"]), V1)
+    acl = getfacl(parent)
+    assert "user:www-data:--x" in acl and "user:nobody:--x" in acl
+    assert "user:nobody" not in getfacl(parent / "app0")
+    assert mode(parent) & 0o067 == 0

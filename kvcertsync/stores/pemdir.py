@@ -6,6 +6,11 @@ swapped by renaming a new symlink over it. A reader (nginx, a restarted agent) t
 finds the link pointing at a complete, self-consistent version, old or new, whatever instant the
 process dies at. All work is relative to one directory file descriptor whose owner and mode were
 checked, and nothing the store did not create is followed or replaced.
+
+Readers named by ``acls`` (or by the ``group``/``file_mode`` options) also need to traverse every
+directory on the way to the store: kvcertsync gives them ``x`` (never ``r`` or ``w``) on the
+directories it created itself, which it marks with the ``user.kvcertsync.created`` extended
+attribute so that a later run still knows them, and only warns about directories it did not create.
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ import re
 import secrets
 import shutil
 import stat
+import struct
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import anyio
 from cryptography import x509
@@ -53,6 +61,40 @@ _TRASH_PREFIX = ".kvcertsync-trash-"
 # A temporary entry older than this belongs to a process that died mid-write.
 _STALE_TEMP_SECONDS = 600.0
 _SPLIT_FILES = ("cert.pem", "chain.pem", "fullchain.pem", "privkey.pem")
+#: Set on every directory kvcertsync creates: the directories a later run may open to readers.
+_CREATED_XATTR = "user.kvcertsync.created"
+# mkdir and marking are one step for the threads of this process, and the mark is read under
+# the same lock: a thread that finds a directory another one just made also finds it marked.
+_CREATE_LOCK = threading.Lock()
+# The system.posix_acl_access extended attribute (linux/posix_acl_xattr.h).
+_ACL_XATTR = "system.posix_acl_access"
+_ACL_XATTR_VERSION = 2
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK, _ACL_OTHER = (
+    0x01,
+    0x02,
+    0x04,
+    0x08,
+    0x10,
+    0x20,
+)
+_SETFACL_MISSING = "setfacl is not installed (Debian/Ubuntu: apt install acl)"
+
+
+class _Reader(NamedTuple):
+    """Someone the settings let read the certificates: they must traverse the path too."""
+
+    label: str  # "user www-data", "group ssl-cert", for messages
+    entry: str  # the ACL qualifier as setfacl takes it: "u:www-data", "g:ssl-cert", "g:33"
+    uid: int | None  # None: a group (any member of it)
+    gids: frozenset[int]
+
+
+class _Ancestor(NamedTuple):
+    """A directory a lookup was made in on the way to the store directory."""
+
+    fd: int  # an open descriptor of it, owned by whoever holds this
+    path: str  # for messages only
+    ours: bool  # created by kvcertsync (now, or marked by an earlier run) and safe to change
 
 
 def _fsync_dir(dir_fd: int) -> None:
@@ -101,6 +143,8 @@ class PemDirectoryStore:
         self.gid = self._gid(group)
         self.apply_acls = apply_acls
         self.pfx = pfx
+        # (directory, reader) pairs already warned about: once per store, not once per install.
+        self._warned: set[tuple[str, str]] = set()
 
     @classmethod
     def from_settings(cls, settings: AgentSettings, **options: object) -> PemDirectoryStore:
@@ -167,14 +211,18 @@ class PemDirectoryStore:
 
     # ------------------------------------------------------------------ directory safety
 
-    def _open_store_dir(self, path: Path, create: bool) -> int:
+    def _open_store_dir(
+        self, path: Path, create: bool, ancestors: list[_Ancestor] | None = None
+    ) -> int:
         """Open ``path`` (creating it 0700 if missing) and check nobody else can write in it.
 
         The path is walked one component at a time without following symlinks blindly: a
         symlink or a directory on the way counts only where nobody but root and us could have
         put it there, so nobody can redirect the store (and the chmods it makes) elsewhere.
+        With ``ancestors``, every directory the walk looked a name up in is appended to it, with
+        a descriptor of its own that the caller closes (also when this raises: see _walk).
         """
-        fd = _walk(path, create)
+        fd = _walk(path, create, ancestors)
         try:
             info = os.fstat(fd)
             if info.st_uid != os.geteuid():
@@ -296,7 +344,12 @@ class PemDirectoryStore:
         acls = observed.acls if self.apply_acls else ()
         entry = f"{base}.{version}"
         contents = self._contents(material)
-        fd = self._open_store_dir(directory, create=True)
+        ancestors: list[_Ancestor] = []
+        try:
+            fd = self._open_store_dir(directory, create=True, ancestors=ancestors)
+        except BaseException:
+            _close_all(ancestors)
+            raise
         try:
             previous = [self._check_link_is_ours(link, base, fd, directory) for link in links]
             existing = self._lstat(entry, fd)
@@ -313,15 +366,19 @@ class PemDirectoryStore:
             if existing is None:
                 self._write_entry(entry, contents, acls, fd)
                 _fsync_dir(fd)  # the version is durable before any link names it
+            else:
+                self._reshare(entry, contents, acls, fd)  # readers added since it was written
             for link in links:
                 self._point(link, entry, fd)
             _fsync_dir(fd)
             self._prune(base, entry, {p for p in previous if p is not None}, links, fd)
             self._grant_directory(fd, directory, acls)
+            self._grant_ancestors(ancestors, fd, directory, acls)
         except OSError as exc:
             raise StoreError(f"cannot install into {directory}: {exc.strerror or exc}") from None
         finally:
             os.close(fd)
+            _close_all(ancestors)
         logger.info("installed %s version %s into %s", observed.uri, version, directory / base)
         return self._record(observed, version, material.certificate, directory / base)
 
@@ -376,6 +433,52 @@ class PemDirectoryStore:
                 ) and ("bundle.pfx" not in contents or self._lstat("bundle.pfx", sub) is not None)
         except OSError:
             return False
+
+    def _reshare(
+        self, entry: str, contents: dict[str, bytes], acls: Sequence[Acl], fd: int
+    ) -> None:
+        """Share a version already in place (ours, same content) as the settings now say.
+
+        Only adds: the ``group`` option's group, the mode bits ``file_mode`` asks for and the
+        ``acls`` entries; nothing is written into it, no bit cleared and no entry removed.
+        """
+        if not acls and self.gid is None and self.file_mode == 0o600:
+            return  # nothing to share: as written
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        if "" in contents:
+            file_fd = os.open(entry, flags, dir_fd=fd)
+            try:
+                self._share_more(file_fd, acls, directory=False)
+            finally:
+                os.close(file_fd)
+            return
+        sub = os.open(entry, flags | os.O_DIRECTORY, dir_fd=fd)
+        try:
+            for name in contents:
+                file_fd = os.open(name, flags, dir_fd=sub)
+                try:
+                    self._share_more(file_fd, acls, directory=False)
+                finally:
+                    os.close(file_fd)
+            self._share_more(sub, acls, directory=True)
+        finally:
+            os.close(sub)
+
+    def _share_more(self, fd: int, acls: Sequence[Acl], *, directory: bool) -> None:
+        """Like _share, for an entry that exists: add what is missing, take nothing away."""
+        info = os.fstat(fd)
+        if not (stat.S_ISDIR(info.st_mode) if directory else stat.S_ISREG(info.st_mode)):
+            return
+        wanted = self.file_mode | (0o100 if directory else 0)
+        if directory and wanted & 0o040:
+            wanted |= 0o010
+        if self.gid is not None and info.st_gid != self.gid:
+            os.fchown(fd, -1, self.gid)
+        current = stat.S_IMODE(info.st_mode)  # with an ACL, the group bits are its mask
+        if wanted & ~current:
+            os.fchmod(fd, current | wanted)
+        if acls:
+            self._apply_acls(fd, acls, directory=directory)
 
     def _write_entry(
         self, entry: str, contents: dict[str, bytes], acls: Sequence[Acl], fd: int
@@ -438,7 +541,7 @@ class PemDirectoryStore:
                 return
             reason = result.stderr.strip() or f"exit status {result.returncode}"
         else:
-            reason = "setfacl is not installed (Debian/Ubuntu: apt install acl)"
+            reason = _SETFACL_MISSING
         # Without POSIX ACLs, one group (and no users) can still be expressed by group ownership.
         users = [a.user for a in acls if a.user]
         groups = {a.group for a in acls if a.group}
@@ -479,6 +582,133 @@ class PemDirectoryStore:
         gid = self._gid(group)
         os.fchown(fd, -1, gid if gid is not None else -1)
         os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | 0o050)
+
+    def _grant_ancestors(
+        self, ancestors: Sequence[_Ancestor], fd: int, directory: Path, acls: Sequence[Acl]
+    ) -> None:
+        """Let the readers traverse every directory on the way to the store directory ``fd``.
+
+        A directory kvcertsync created gets ``x`` (an ACL entry, or the one-group fallback) for
+        exactly the readers that cannot traverse it yet; nothing else about it changes. A
+        directory kvcertsync did not create is left as it is, with a warning naming each reader
+        it stops.
+        """
+        if not ancestors:
+            return
+        store = os.fstat(fd)
+        readers = self._readers(acls, store)
+        if not readers:
+            return  # nobody to let in: what kvcertsync created stays 0700
+        for ancestor in ancestors:
+            info = os.fstat(ancestor.fd)
+            acl = _read_acl(ancestor.fd)
+            blocked = [r for r in readers if not _can_traverse(info, acl, r)]
+            if not blocked:
+                continue
+            if ancestor.ours:
+                self._let_traverse(ancestor, info, blocked, self._fallback_gid(acls, store))
+                continue
+            for reader in blocked:
+                if (ancestor.path, reader.entry) in self._warned:
+                    continue
+                self._warned.add((ancestor.path, reader.entry))
+                logger.warning(
+                    "%s cannot traverse %s (owner %s, mode %04o), so it cannot read the "
+                    "certificates in %s: kvcertsync did not create that directory and leaves its "
+                    "permissions as they are; to let it through: setfacl -m %s:x %s",
+                    reader.label,
+                    ancestor.path,
+                    _user_name(info.st_uid),
+                    stat.S_IMODE(info.st_mode),
+                    directory,
+                    reader.entry,
+                    ancestor.path,
+                )
+
+    def _let_traverse(
+        self,
+        ancestor: _Ancestor,
+        info: os.stat_result,
+        blocked: Sequence[_Reader],
+        fallback_gid: int | None,
+    ) -> None:
+        """Give ``blocked`` traversal, and only traversal, of a directory kvcertsync created."""
+        entries = [f"{reader.entry}:x" for reader in blocked]
+        setfacl = shutil.which("setfacl")
+        if setfacl is not None:
+            result = subprocess.run(
+                [setfacl, "-m", ",".join(entries), _fd_path(ancestor.fd)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if result.returncode == 0:
+                logger.info(
+                    "let %s traverse %s", ", ".join(r.label for r in blocked), ancestor.path
+                )
+                return
+            reason = result.stderr.strip() or f"exit status {result.returncode}"
+        else:
+            reason = _SETFACL_MISSING
+        # Without POSIX ACLs the files carry one group (see _apply_acls): let that group through.
+        if fallback_gid is None or any(reader.uid is not None for reader in blocked):
+            raise StoreError(
+                f"{ancestor.path}: cannot let {', '.join(entries)} traverse it: {reason}; "
+                "without POSIX ACLs only a single group can be expressed (by group ownership)"
+            )
+        mode = stat.S_IMODE(info.st_mode)
+        if info.st_gid != fallback_gid and mode & 0o010:
+            logger.warning(
+                "%s: its group changes from %s to %s, whose members lose traversal of it "
+                "(with setfacl installed, both groups would keep it)",
+                ancestor.path,
+                _group_name(info.st_gid),
+                _group_name(fallback_gid),
+            )
+        os.fchown(ancestor.fd, -1, fallback_gid)
+        os.fchmod(ancestor.fd, mode | 0o010)
+        logger.info("let group %s traverse %s", _group_name(fallback_gid), ancestor.path)
+
+    def _readers(self, acls: Sequence[Acl], store: os.stat_result) -> list[_Reader]:
+        """Everyone the store shares certificates with, except root (who needs nothing)."""
+        readers: dict[tuple[str, int], _Reader] = {}
+        for acl in acls:
+            if acl.user:
+                _check_user(acl.user)
+                account = pwd.getpwnam(acl.user)
+                gids = frozenset(os.getgrouplist(acl.user, account.pw_gid))
+                reader = _Reader(f"user {acl.user}", f"u:{acl.user}", account.pw_uid, gids)
+                readers.setdefault(("u", account.pw_uid), reader)
+            if acl.group:
+                _check_group(acl.group)
+                gid = grp.getgrnam(acl.group).gr_gid
+                reader = _Reader(f"group {acl.group}", f"g:{acl.group}", None, frozenset({gid}))
+                readers.setdefault(("g", gid), reader)
+        files_gid = self._files_gid(store)
+        if files_gid is not None:
+            reader = _Reader(
+                f"group {_group_name(files_gid)}", f"g:{files_gid}", None, frozenset({files_gid})
+            )
+            readers.setdefault(("g", files_gid), reader)
+        return [reader for reader in readers.values() if reader.uid != 0]
+
+    def _files_gid(self, store: os.stat_result) -> int | None:
+        """The group the ``group``/``file_mode`` options let read the files, if any."""
+        if self.gid is not None:
+            return self.gid
+        if self.file_mode & 0o040:
+            # A new file takes the directory's group where it is set-group-ID, else ours.
+            return store.st_gid if store.st_mode & stat.S_ISGID else os.getegid()
+        return None
+
+    def _fallback_gid(self, acls: Sequence[Acl], store: os.stat_result) -> int | None:
+        """The one group the files fall back to without POSIX ACLs (None: there is none)."""
+        if acls:
+            groups = {a.group for a in acls if a.group}
+            if any(a.user for a in acls) or len(groups) != 1:
+                return None
+            return self._gid(groups.pop())
+        return self._files_gid(store)
 
     def _point(self, link: str, entry: str, fd: int) -> None:
         """Swap ``link`` to ``entry`` with one rename of a fresh symlink over it."""
@@ -562,11 +792,20 @@ def _trusted(parent: os.stat_result, entry: os.stat_result) -> bool:
     return True
 
 
-def _walk(path: Path, create: bool) -> int:
-    """An open descriptor of directory ``path``, reached through trusted components only."""
+def _walk(path: Path, create: bool, ancestors: list[_Ancestor] | None = None) -> int:
+    """An open descriptor of directory ``path``, reached through trusted components only.
+
+    With ``create``, missing components are made 0700 and marked as kvcertsync's. With
+    ``ancestors``, every directory a name was looked up in on the way (each one a reader of the
+    store must traverse, including those before a symlink's target) is appended to it once,
+    with a descriptor of its own that the caller closes, also when this raises.
+    """
     where = os.path.abspath(path)
     todo = list(Path(where).parts[1:])
     fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    here = PurePosixPath("/")  # where ``fd`` is, for messages
+    made = False  # whether this walk created the directory ``fd``
+    seen: set[tuple[int, int]] = set()
     hops = 0
     try:
         while todo:
@@ -574,6 +813,12 @@ def _walk(path: Path, create: bool) -> int:
             if name in ("", "."):
                 continue
             parent = os.fstat(fd)
+            if ancestors is not None and (parent.st_dev, parent.st_ino) not in seen:
+                seen.add((parent.st_dev, parent.st_ino))
+                with _CREATE_LOCK:  # not between another thread's mkdir and its mark
+                    ours = made or _created_by_us(fd, parent)
+                ancestors.append(_Ancestor(os.dup(fd), str(here), ours))
+            created = False
             try:
                 entry = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -583,12 +828,16 @@ def _walk(path: Path, create: bool) -> int:
                     raise StoreError(
                         f"{where}: will not create {name!r} in a directory others can write"
                     ) from None
-                try:
-                    os.mkdir(name, 0o700, dir_fd=fd)
-                    os.fsync(fd)
-                    logger.info("created directory %s in the path of %s", name, where)
-                except FileExistsError:
-                    pass  # another install (another certificate, another thread) was first
+                with _CREATE_LOCK:
+                    try:
+                        os.mkdir(name, 0o700, dir_fd=fd)
+                    except FileExistsError:
+                        pass  # another install (another certificate, another thread) was first
+                    else:
+                        created = True
+                        _mark_created(name, fd, where)
+                        os.fsync(fd)
+                        logger.info("created directory %s in the path of %s", name, where)
                 entry = os.stat(name, dir_fd=fd, follow_symlinks=False)
             if not _trusted(parent, entry):
                 raise StoreError(
@@ -603,6 +852,8 @@ def _walk(path: Path, create: bool) -> int:
                 if target.startswith("/"):
                     os.close(fd)
                     fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    here = PurePosixPath("/")
+                    made = False
                 todo = list(PurePosixPath(target).parts) + todo
                 if todo and todo[0] == "/":
                     todo.pop(0)
@@ -612,6 +863,16 @@ def _walk(path: Path, create: bool) -> int:
             )
             os.close(fd)
             fd = nxt
+            here = here.parent if name == ".." else here / name
+            made = created
+        if ancestors is not None:
+            # A symlink back up the path can make the store directory one of its own ancestors.
+            final = os.fstat(fd)
+            for ancestor in list(ancestors):
+                info = os.fstat(ancestor.fd)
+                if (info.st_dev, info.st_ino) == (final.st_dev, final.st_ino):
+                    ancestors.remove(ancestor)
+                    os.close(ancestor.fd)
     except NotADirectoryError:
         os.close(fd)
         raise StoreError(f"{where} is not a directory") from None
@@ -625,6 +886,92 @@ def _walk(path: Path, create: bool) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _mark_created(name: str, parent_fd: int, where: str) -> None:
+    """Record on the directory ``name``, just created, that kvcertsync made it."""
+    if sys.platform != "linux":
+        return
+    try:
+        sub = os.open(
+            name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd
+        )
+        try:
+            os.setxattr(sub, _CREATED_XATTR, b"1")
+            os.fsync(sub)
+        finally:
+            os.close(sub)
+    except OSError as exc:
+        # No user extended attributes here (old tmpfs, some network file systems): this run
+        # still shares the directory, a later one will only warn about it.
+        logger.info(
+            "%s: cannot mark %r as created by kvcertsync (%s): readers added to the settings "
+            "later will not be let through it",
+            where,
+            name,
+            exc.strerror or exc,
+        )
+
+
+def _created_by_us(fd: int, info: os.stat_result) -> bool:
+    """Whether the directory ``fd`` carries our mark, is ours and nobody else may write in it."""
+    if sys.platform != "linux":
+        return False
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        return False
+    try:
+        os.getxattr(fd, _CREATED_XATTR)
+    except OSError:
+        return False
+    return True
+
+
+def _read_acl(fd: int) -> list[tuple[int, int, int]] | None:
+    """The access ACL of ``fd`` as (tag, permissions, id) entries; None: just the mode bits."""
+    if sys.platform != "linux":
+        return None
+    try:
+        data = os.getxattr(fd, _ACL_XATTR)
+    except OSError:
+        return None
+    if len(data) < 4 or (len(data) - 4) % 8:
+        return None
+    if struct.unpack_from("<I", data)[0] != _ACL_XATTR_VERSION:
+        return None
+    return [(tag, perm, ident) for tag, perm, ident in struct.iter_unpack("<HHI", data[4:])]
+
+
+def _can_traverse(
+    info: os.stat_result, acl: Sequence[tuple[int, int, int]] | None, reader: _Reader
+) -> bool:
+    """Whether ``reader`` may search (``x``) the directory ``info``: POSIX.1e access checking."""
+    mode = info.st_mode
+    if reader.uid is not None and reader.uid == info.st_uid:
+        return bool(mode & 0o100)
+    if not acl:
+        if info.st_gid in reader.gids:
+            return bool(mode & 0o010)
+        return bool(mode & 0o001)
+    mask = next((perm for tag, perm, _ in acl if tag == _ACL_MASK), 0o7)
+    if reader.uid is not None:
+        for tag, perm, ident in acl:
+            if tag == _ACL_USER and ident == reader.uid:
+                return bool(perm & mask & 0o1)
+    matched = False
+    for tag, perm, ident in acl:
+        if (tag == _ACL_GROUP_OBJ and info.st_gid in reader.gids) or (
+            tag == _ACL_GROUP and ident in reader.gids
+        ):
+            if perm & mask & 0o1:
+                return True
+            matched = True
+    return not matched and bool(mode & 0o001)
+
+
+def _close_all(ancestors: list[_Ancestor]) -> None:
+    for ancestor in ancestors:
+        os.close(ancestor.fd)
+    ancestors.clear()
 
 
 def _fd_path(fd: int) -> str:
@@ -656,6 +1003,13 @@ def _check_group(group: str) -> None:
         grp.getgrnam(group)
     except KeyError:
         raise StoreError(f"acls: group {group!r} does not exist on this machine") from None
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def _user_name(uid: int) -> str:
