@@ -1,6 +1,7 @@
 """kvcertsync: keep Azure Key Vault certificates installed and current, anywhere Python runs."""
 
 from kvcertsync._version import __version__
+from kvcertsync.agent.compose import sync_from_settings
 from kvcertsync.engine import CertSync, InitialSyncError, SyncReport
 from kvcertsync.errors import (
     KvCertSyncError,
@@ -31,4 +32,5 @@ __all__ = [
     "__version__",
     "load_settings",
     "parse_settings",
+    "sync_from_settings",
 ]

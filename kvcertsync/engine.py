@@ -11,7 +11,7 @@ import random
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
@@ -28,6 +28,7 @@ from kvcertsync.events import (
     InitialSyncCompleted,
     Subscription,
     SyncFailed,
+    SyncRecovered,
 )
 from kvcertsync.limits import RetryPolicy, VaultLimiter
 from kvcertsync.material import CertificateMaterial
@@ -39,7 +40,7 @@ from kvcertsync.uri import SecretUri
 if TYPE_CHECKING:
     from kvcertsync.settings import AgentSettings
 
-__all__ = ["CertSync", "InitialSyncError", "PollResult", "SyncReport"]
+__all__ = ["CertSync", "CertificateState", "InitialSyncError", "PollResult", "SyncReport"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,29 @@ class SyncReport:
         return not self.failed
 
 
+@attrs.frozen
+class CertificateState:
+    """Where one observed certificate stands now: what is installed and how its polls go."""
+
+    observed: ObservedCertificate
+    installed: InstalledCertificate | None
+    #: The last poll succeeded: ``installed`` is the version the vault serves.
+    current: bool
+    #: Failed polls since the last success.
+    failures: int
+    #: The last failure as ``Type: message``; None once a poll succeeds.
+    error: str | None
+    #: The initial sync gave up on it (``initial_sync_attempts`` used up).
+    gave_up: bool
+    #: When a poll of it last succeeded (UTC), None before the first.
+    last_success: datetime | None
+
+    @property
+    def uri(self) -> SecretUri:
+        """The observed secret URL."""
+        return self.observed.uri
+
+
 class _State(enum.Enum):
     SCHEDULED = "scheduled"
     QUEUED = "queued"
@@ -130,6 +154,7 @@ class _Entry:
     successor: _Entry | None = None
     installed: InstalledCertificate | None = None
     last_error: BaseException | None = None
+    last_success: datetime | None = None
     warned: tuple[str, float] | None = None
     waiters_next: list[_Waiter] = attrs.Factory(list)
     waiters_now: list[_Waiter] = attrs.Factory(list)
@@ -248,25 +273,15 @@ class CertSync:
         cls,
         settings: AgentSettings,
         *,
-        store: Store | None = None,
-        source: SecretSource | None = None,
-        credential: Any = None,
+        store: Store,
+        source: SecretSource,
         **options: Any,
     ) -> CertSync:
-        """A CertSync for the extension settings ``settings`` (interval, initial sync, URLs).
+        """A CertSync with the interval, initial-sync rule and URLs of extension settings.
 
-        Without ``source`` it reads Key Vault, authenticating as the settings say (or with
-        ``credential``); without ``store`` it installs where the settings' locations point.
+        The engine knows only the protocols: for the platform's store and Key Vault chosen
+        from the settings alone, use ``kvcertsync.sync_from_settings``.
         """
-        # Imported here: the engine itself knows only the protocols (see kvcertsync.compose).
-        from kvcertsync import compose
-
-        if store is None:
-            store = compose.store_from_settings(settings)
-        if source is None:
-            source = compose.source_from_settings(
-                settings, credential, max_connections=options.get("max_concurrency", 32)
-            )
         options.setdefault("polling_interval", settings.polling_interval)
         options.setdefault("require_initial_sync", settings.require_initial_sync)
         return cls(settings.observed, store=store, source=source, **options)
@@ -286,6 +301,47 @@ class CertSync:
     def running(self) -> bool:
         """True inside ``async with``."""
         return self._background
+
+    def states(self) -> tuple[CertificateState, ...]:
+        """Where every observed certificate stands now, in observed order."""
+        return tuple(
+            CertificateState(
+                observed=entry.observed,
+                installed=entry.installed,
+                current=entry.ready and entry.attempt == 0,
+                failures=entry.attempt,
+                error=(
+                    f"{type(entry.last_error).__name__}: {entry.last_error}"
+                    if entry.last_error is not None
+                    else None
+                ),
+                gave_up=entry.gave_up,
+                last_success=entry.last_success,
+            )
+            for entry in self._entries.values()
+        )
+
+    @property
+    def initial_sync_done(self) -> int:
+        """How many certificates the initial sync has finished with (installed or given up)."""
+        if self._ready.is_set():
+            return len(self._entries)
+        return len(self._entries) - len(self._initial_pending)
+
+    def set_polling_interval(self, polling_interval: float) -> None:
+        """Poll every ``polling_interval`` seconds from now on (retries keep their backoff)."""
+        if not polling_interval > 0:
+            raise ValueError("polling_interval must be positive")
+        if polling_interval == self.polling_interval:
+            return
+        self.polling_interval = float(polling_interval)
+        if self._tg is None:
+            return
+        now = self.clock.now()
+        for entry in self._entries.values():
+            waiting = entry.state is _State.SCHEDULED and entry.anchor is not None
+            if waiting and entry.attempt == 0 and not entry.removed:
+                self._schedule(entry, self._next_regular(entry, now))
 
     def limiter(self, vault_host: str) -> VaultLimiter:
         """The rate limiter of one vault (created on first use)."""
@@ -621,8 +677,17 @@ class CertSync:
                 pause = limiter.throttled(error.retry_after)
                 logger.warning("vault %s throttled requests; pausing it %.1f s", entry.vault, pause)
             return self._failed(entry, error)
+        if entry.attempt:
+            logger.info(
+                "%s polled successfully again after %d failures",
+                entry.uri,
+                entry.attempt,
+                extra={"uri": str(entry.uri)},
+            )
+            self._bus.publish(SyncRecovered(entry.uri, entry.attempt))
         entry.attempt = 0
         entry.last_error = None
+        entry.last_success = self.clock.utcnow()
         entry.installed = result.installed
         entry.ready = True
         self._check_ready(entry)
@@ -664,6 +729,11 @@ class CertSync:
             installed.version,
             installed.thumbprint,
             installed.location,
+            extra={
+                "uri": str(entry.uri),
+                "version": installed.version,
+                "thumbprint": installed.thumbprint,
+            },
         )
         self._bus.publish(
             CertificateUpdated(
@@ -679,11 +749,19 @@ class CertSync:
     def _failed(self, entry: _Entry, error: Exception) -> tuple[PollResult, float]:
         if isinstance(error, KvCertSyncError):
             logger.warning(
-                "sync of %s failed (attempt %d): %s", entry.uri, entry.attempt + 1, error
+                "sync of %s failed (attempt %d): %s",
+                entry.uri,
+                entry.attempt + 1,
+                error,
+                extra={"uri": str(entry.uri)},
             )
         else:
             logger.warning(
-                "sync of %s failed (attempt %d)", entry.uri, entry.attempt + 1, exc_info=error
+                "sync of %s failed (attempt %d)",
+                entry.uri,
+                entry.attempt + 1,
+                exc_info=error,
+                extra={"uri": str(entry.uri)},
             )
         error = _scrub(error)
         entry.attempt += 1
@@ -744,6 +822,13 @@ class CertSync:
                 return
         entry.warned = (installed.version, now)
         logger.warning(
-            "%s expires %s and no newer version is installed", entry.uri, installed.not_after
+            "%s expires %s and no newer version is installed",
+            entry.uri,
+            installed.not_after,
+            extra={
+                "uri": str(entry.uri),
+                "version": installed.version,
+                "thumbprint": installed.thumbprint,
+            },
         )
         self._bus.publish(CertificateExpiring(entry.uri, installed.not_after, remaining))

@@ -31,6 +31,7 @@ __all__ = [
     "InitialSyncCompleted",
     "Subscription",
     "SyncFailed",
+    "SyncRecovered",
 ]
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,20 @@ class SyncFailed(Event):
         """A one-line human summary of the event."""
         then = "no retry scheduled" if self.retry_in is None else f"retry in {self.retry_in:.1f}s"
         return f"failed {self.uri} (attempt {self.attempt}): {self.message}; {then}"
+
+
+@attrs.frozen
+class SyncRecovered(Event):
+    """A certificate whose polls were failing was polled successfully again."""
+
+    uri: SecretUri
+    failures: int
+    at: datetime = attrs.field(factory=_utcnow)
+
+    def describe(self) -> str:
+        """A one-line human summary of the event."""
+        noun = "failure" if self.failures == 1 else "failures"
+        return f"recovered {self.uri} after {self.failures} {noun}"
 
 
 @attrs.frozen

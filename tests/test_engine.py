@@ -28,6 +28,7 @@ from kvcertsync.events import (
     Event,
     InitialSyncCompleted,
     SyncFailed,
+    SyncRecovered,
 )
 from kvcertsync.limits import RetryPolicy, VaultLimiter
 from kvcertsync.material import CertificateMaterial
@@ -382,6 +383,52 @@ async def test_refresh_polls_now_and_update_observed_changes_the_set(ca: TestAut
         with pytest.raises(KeyError):
             await sync.refresh(a)
     assert [o.uri for o in sync.observed] == [SecretUri.parse(b)]
+
+
+async def test_states_say_where_each_certificate_stands_and_recovery_is_announced(
+    ca: TestAuthority,
+) -> None:
+    clock = FakeClock()
+    source = MemorySource()
+    a, b = urls(2)
+    source.set(a, ca.issue(["a.example"]))
+    sync = CertSync([a, b], store=MemoryStore(), source=source, clock=clock, polling_interval=60)
+    seen = collect(sync, SyncRecovered)
+    before = sync.states()
+    assert [s.installed for s in before] == [None, None] and not any(s.current for s in before)
+    async with sync:
+        await drive(clock, lambda: sync.states()[1].failures >= 1 and sync.states()[0].current)
+        first, second = sync.states()
+        assert first.current and first.installed is not None and first.error is None
+        assert first.last_success is not None and first.failures == 0
+        assert second.installed is None and not second.current
+        assert second.error is not None and second.error.startswith("SecretNotFound: ")
+        assert sync.initial_sync_done == 1
+        source.set(b, ca.issue(["b.example"]))
+        await drive(clock, lambda: sync.states()[1].current, step=1)
+        assert sync.states()[1].error is None and sync.initial_sync_done == 2
+        assert len(seen) == 1 and isinstance(seen[0], SyncRecovered)
+        assert str(seen[0].uri) == b and seen[0].failures >= 1
+        assert seen[0].describe().startswith(f"recovered {b} after ")
+
+
+async def test_set_polling_interval_reschedules_waiting_polls(ca: TestAuthority) -> None:
+    clock = FakeClock()
+    source = MemorySource()
+    (a,) = urls(1)
+    source.set(a, ca.issue(["a.example"]))
+    polls: list[float] = []
+    source.observe(lambda uri: polls.append(clock.now()))
+    sync = CertSync([a], store=MemoryStore(), source=source, clock=clock, polling_interval=3600)
+    async with sync:
+        await sync.wait_ready()
+        sync.set_polling_interval(10)
+        await drive(clock, lambda: len(polls) >= 3, step=1, limit=60)
+        # Without the change the second poll would be an hour away.
+        assert polls[2] - polls[0] <= 2 * 10 + 1
+        with pytest.raises(ValueError, match="positive"):
+            sync.set_polling_interval(0)
+    assert sync.polling_interval == 10
 
 
 # ------------------------------------------------------------------------- initial sync

@@ -17,6 +17,7 @@ from kvcertsync.events import (
     EventBus,
     InitialSyncCompleted,
     SyncFailed,
+    SyncRecovered,
 )
 
 URI = SecretUri.parse("https://myvault.vault.azure.net/secrets/web")
@@ -75,6 +76,7 @@ EVENT_FIELDS = {
         "at",
     ],
     SyncFailed: ["uri", "error", "attempt", "retry_in", "at"],
+    SyncRecovered: ["uri", "failures", "at"],
     InitialSyncCompleted: ["count", "duration", "at"],
     CertificateExpiring: ["uri", "not_after", "remaining", "at"],
 }

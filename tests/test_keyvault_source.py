@@ -11,7 +11,8 @@ import pytest
 from azure.identity.aio import ManagedIdentityCredential
 from azure.keyvault.secrets._shared import http_challenge_cache
 
-from kvcertsync import CertSync, parse_settings
+from kvcertsync import AgentSettings, CertSync, parse_settings, sync_from_settings
+from kvcertsync.agent import reconfigure
 from kvcertsync.auth import ImdsCredential, ImdsRetry
 from kvcertsync.emulator import LocalKeyVault
 from kvcertsync.errors import (
@@ -347,11 +348,49 @@ async def test_from_settings_picks_the_pem_directory_store(
             "authenticationSettings": {"msiEndpoint": kv.imds_endpoint},
         }
     )
-    source = KeyVaultSource.from_settings(settings, ca_file=kv.ca_file, redirect=kv.redirect)
-    sync = CertSync.from_settings(settings, source=source)
+    sync = sync_from_settings(settings, ca_file=kv.ca_file, redirect=kv.redirect)
+    assert isinstance(sync.source, KeyVaultSource)
     assert isinstance(sync.store, PemDirectoryStore)
     async with sync:
         await sync.wait_ready()
     assert CertificateMaterial.from_secret((tmp_path / "demo.web").read_bytes()).dns_names == (
         "web.example",
     )
+
+
+async def test_reconfigure_switches_identities_for_the_next_requests(kv: LocalKeyVault) -> None:
+    kv.import_certificate("demo", "web", kv.authority.issue(["web.example"]))
+    kv.import_certificate("demo", "api", kv.authority.issue(["api.example"]))
+    first, second, third = (f"aaaaaaaa-0000-0000-0000-00000000000{i}" for i in (1, 2, 3))
+    kv.client_ids = {first, second, third}
+
+    def settings(client_id: str, override: str | None) -> AgentSettings:
+        api: dict[str, object] = {"url": f"{DEMO}/secrets/api"}
+        if override is not None:
+            api["authenticationOverride"] = {"msiClientId": override}
+        return parse_settings(
+            {
+                "secretsManagementSettings": {"observedCertificates": [f"{DEMO}/secrets/web", api]},
+                "authenticationSettings": {
+                    "msiEndpoint": kv.imds_endpoint,
+                    "msiClientId": client_id,
+                },
+            }
+        )
+
+    def identities() -> set[str]:
+        return {grant.client_id for grant in kv._tokens.values()}
+
+    sync = sync_from_settings(
+        settings(first, None), store=MemoryStore(), ca_file=kv.ca_file, redirect=kv.redirect
+    )
+    async with sync:
+        with anyio.fail_after(20):
+            await sync.wait_ready()
+        assert identities() == {first}
+        reconfigure(sync, settings(second, third))
+        report = await sync.sync_once()
+        assert report.ok
+        assert identities() == {first, second, third}
+        assert isinstance(sync.source, KeyVaultSource)
+        assert len(sync.source._retired) == 1  # the first identity's, closed with the source

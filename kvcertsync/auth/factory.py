@@ -117,6 +117,11 @@ class CredentialCache:
     def __repr__(self) -> str:
         return f"CredentialCache({len(self._credentials)} credentials)"
 
+    @property
+    def settings_identity(self) -> tuple[str | None, str | None]:
+        """The (token endpoint, client id) the settings authenticate as by default."""
+        return self._key(self._settings.msi_client_id if self._settings is not None else None)
+
     def _key(self, client_id: str | None) -> tuple[str | None, str | None]:
         endpoint = self._settings.msi_endpoint if self._settings is not None else None
         if endpoint is not None:

@@ -154,6 +154,7 @@ class KeyVaultSource:
                 {id(c): c for c in (credential, *(credentials or {}).values())}.values()
             )
         self._cache: CredentialCache | None = None
+        self._retired: list[CredentialCache] = []
         self._redirect = dict(redirect or {})
         # Proxies from the environment (HTTPS_PROXY, NO_PROXY) apply unless we redirect: a
         # proxy would then take the connection somewhere else than the redirect says.
@@ -186,6 +187,22 @@ class KeyVaultSource:
         source = cls(cache.get(), credentials=cache.overrides(settings.observed), **options)
         source._cache = cache
         return source
+
+    def apply_settings(self, settings: AgentSettings) -> None:
+        """Authenticate as re-read settings say; a new identity is used from the next request.
+
+        Only for a source built by ``from_settings`` without a credential: a credential given
+        by the caller stays. Credentials no longer needed are closed with the source.
+        """
+        cache = self._cache
+        if cache is None:
+            return
+        if cache.settings_identity != CredentialCache(settings).settings_identity:
+            self._retired.append(cache)
+            cache = self._cache = CredentialCache(settings)
+            self._credential = share(cache.get())
+        overrides = cache.overrides(settings.observed).items()
+        self._overrides = {uri.latest: share(c) for uri, c in overrides}
 
     def set_credential(self, uri: SecretUri, credential: AsyncTokenCredential | None) -> None:
         """Read ``uri`` as another identity from now on (None: back to the default)."""
@@ -268,8 +285,10 @@ class KeyVaultSource:
                     self._session = None
             finally:
                 owned, self._owned = self._owned, []
-                if self._cache is not None:
-                    await self._cache.aclose()
+                caches, self._retired = [*self._retired, self._cache], []
+                for cache in caches:
+                    if cache is not None:
+                        await cache.aclose()
                 for credential in owned:
                     try:
                         await credential.close()

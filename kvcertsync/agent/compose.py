@@ -1,0 +1,131 @@
+"""The composition root: the one place that knows the implementations behind the protocols.
+
+The engine knows only the SecretSource and Store protocols; this module picks a credential, a
+source and a store for extension settings, so a working agent comes from the extension's JSON
+alone (``sync_from_settings``), and parses the ``--store`` forms the command line takes.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from azure.core.credentials_async import AsyncTokenCredential
+
+from kvcertsync.engine import CertSync
+from kvcertsync.settings import AgentSettings
+from kvcertsync.sources.base import SecretSource
+from kvcertsync.sources.keyvault import KeyVaultSource
+from kvcertsync.stores.base import Store
+from kvcertsync.stores.memory import MemoryStore
+from kvcertsync.stores.pemdir import PemDirectoryStore
+from kvcertsync.stores.windows import WindowsCertStore
+
+__all__ = [
+    "STORE_FORMS",
+    "reconfigure",
+    "source_from_settings",
+    "store_from_settings",
+    "store_from_spec",
+    "sync_from_settings",
+]
+
+#: What ``--store`` accepts, for help texts and errors.
+STORE_FORMS = "pem:DIR, pem-split:DIR, windows or memory"
+
+
+def source_from_settings(
+    settings: AgentSettings, credential: AsyncTokenCredential | None = None, **options: Any
+) -> SecretSource:
+    """A KeyVaultSource authenticating as ``settings`` say (or with ``credential``)."""
+    return KeyVaultSource.from_settings(settings, credential=credential, **options)
+
+
+def store_from_settings(settings: AgentSettings) -> Store:
+    """The store the platform and the certificates' locations call for.
+
+    On Windows, the certificate store (crypt32). Elsewhere a PemDirectoryStore: certificates
+    whose location is a directory go there, the others to the Linux extension's default
+    directory, as it does.
+    """
+    if sys.platform == "win32":
+        return WindowsCertStore.from_settings(settings)
+    return PemDirectoryStore.from_settings(settings)
+
+
+def store_from_spec(spec: str | None, settings: AgentSettings) -> Store:
+    """The store ``spec`` names (``pem:DIR``, ``pem-split:DIR``, ``windows``, ``memory``).
+
+    None means the platform's default (``store_from_settings``). ``DIR`` is where certificates
+    go whose settings name no directory of their own.
+    """
+    if spec is None:
+        return store_from_settings(settings)
+    kind, sep, rest = spec.partition(":")
+    if kind in ("pem", "pem-split"):
+        if not sep or not rest:
+            raise ValueError(f"--store {spec!r}: {kind} needs a directory, as in {kind}:/etc/certs")
+        layout = "split" if kind == "pem-split" else "kvlinux"
+        return PemDirectoryStore.from_settings(
+            settings, directory=Path(rest).absolute(), layout=layout
+        )
+    if sep:
+        raise ValueError(f"--store {spec!r}: {kind!r} takes no argument; use {STORE_FORMS}")
+    if kind == "windows":
+        return WindowsCertStore.from_settings(settings)
+    if kind == "memory":
+        return MemoryStore()
+    raise ValueError(f"--store {spec!r} is not a store; use {STORE_FORMS}")
+
+
+def sync_from_settings(
+    settings: AgentSettings,
+    *,
+    store: Store | None = None,
+    source: SecretSource | None = None,
+    credential: AsyncTokenCredential | None = None,
+    ca_file: str | None = None,
+    redirect: Mapping[str, str] | None = None,
+    **options: Any,
+) -> CertSync:
+    """A CertSync for extension settings, with the platform's store and Key Vault by default.
+
+    Without ``source`` it reads Key Vault, authenticating as the settings say (or with
+    ``credential``); ``ca_file`` and ``redirect`` point it at an emulator. Without ``store`` it
+    installs where the settings' locations point. ``options`` go to CertSync.
+    """
+    if store is None:
+        store = store_from_settings(settings)
+    if source is None:
+        source = source_from_settings(
+            settings,
+            credential,
+            ca_file=ca_file,
+            redirect=redirect,
+            max_connections=options.get("max_concurrency", 32),
+        )
+    elif ca_file is not None or redirect is not None:
+        raise ValueError("ca_file and redirect configure the Key Vault source: not with source=")
+    return CertSync.from_settings(settings, store=store, source=source, **options)
+
+
+def reconfigure(sync: CertSync, settings: AgentSettings) -> None:
+    """Apply re-read settings to a running CertSync built here, keeping its state.
+
+    Certificates added, removed or changed (location, ACLs, identity) are applied by
+    ``update_observed``; the interval and initial-sync rule change in place; the source
+    picks up new identities, the store new store-wide options.
+    """
+    source = sync.source
+    if isinstance(source, KeyVaultSource):
+        source.apply_settings(settings)
+    store = sync.store
+    if isinstance(store, PemDirectoryStore):
+        store.apply_acls = settings.acl_enabled
+    elif isinstance(store, WindowsCertStore):
+        store.link_on_renewal = settings.link_on_renewal
+    sync.require_initial_sync = settings.require_initial_sync
+    sync.set_polling_interval(settings.polling_interval)
+    sync.update_observed(settings.observed)
