@@ -9,24 +9,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvcertsync._version import __version__
+from kvcertsync.agent.cli import add_commands
 from kvcertsync.errors import KvCertSyncError
-from kvcertsync.settings import load_settings
-
-
-def _check(args: argparse.Namespace) -> int:
-    settings = load_settings(args.settings)
-    print(f"{args.settings}: valid; polling every {settings.polling_interval:g} s")
-    for cert in settings.observed:
-        where = cert.store_directory or f"{cert.store_location}\\{cert.store_name}"
-        print(f"  {cert.uri}  ->  {where}")
-    if settings.warnings:
-        print(f"  {len(settings.warnings)} warning(s), logged to stderr")
-    return 0
 
 
 def _emulator(args: argparse.Namespace) -> int:
     import asyncio
     import contextlib
+    import shlex
     import signal
 
     from kvcertsync.emulator import LocalKeyVault
@@ -57,13 +47,20 @@ def _emulator(args: argparse.Namespace) -> int:
             print("  vault URLs:      https://<name>.vault.azure.net  (any name)")
             print(f"  redirect:        *.vault.azure.net -> 127.0.0.1:{kv.port}")
             print(f"  without DNS:     {kv.local_url}  (the vault named 'localhost')")
-            print(f"  msiEndpoint:     {kv.imds_endpoint}")
             print(f"  azure-identity:  AZURE_POD_IDENTITY_AUTHORITY_HOST={kv.imds_authority}")
             for url in demo:
                 print(f"  demo secret:     {url}")
             print(f"  admin:           {admin}/stats")
             print(f"                   {admin}/rotate/<vault>/<name> -X POST")
             print(f'                   {admin}/faults -X POST -d \'{{"fail": {{"status": 503}}}}\'')
+            ((pattern, target),) = kv.redirect.items()
+            options = ["--ca-file", kv.ca_file, "--redirect", f"{pattern}={target}"]
+            print(
+                "to sync your own settings file against it, put this in its authenticationSettings:"
+            )
+            print(f"msiEndpoint: {kv.imds_endpoint}")
+            print("and append this to kvcertsync run SETTINGS:")
+            print(f"run with: {shlex.join(options)}")
             print("ready (Ctrl+C to stop)", flush=True)
             await stop.wait()
 
@@ -99,9 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="log what happens (INFO), not only problems"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    check = commands.add_parser("check", help="validate a Key Vault VM extension settings file")
-    check.add_argument("settings", help="path to the extension settings JSON")
-    check.set_defaults(func=_check)
+    add_commands(commands)
     emulator = commands.add_parser(
         "emulator", help="run a local Key Vault (secrets API) and IMDS until Ctrl+C"
     )

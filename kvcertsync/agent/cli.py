@@ -1,0 +1,425 @@
+"""The agent's commands: ``run``, ``status``, ``check`` and ``service``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from kvcertsync.agent.compose import STORE_FORMS, store_from_spec
+from kvcertsync.agent.daemon import (
+    DEFAULT_INITIAL_ATTEMPTS,
+    ONCE_INITIAL_ATTEMPTS,
+    Agent,
+    AgentOptions,
+)
+from kvcertsync.agent.handler import HandlerEnvironment, find_handler_environment
+from kvcertsync.agent.logs import LEVELS, configure_logging
+from kvcertsync.agent.notify import Notifier
+from kvcertsync.agent.preflight import describe, problems
+from kvcertsync.agent.status import (
+    STATUS_FILE_NAME,
+    Phase,
+    StatusReport,
+    default_state_dir,
+    read_status,
+)
+from kvcertsync.errors import KvCertSyncError
+from kvcertsync.settings import load_settings
+from kvcertsync.sources.redirect import parse_target
+from kvcertsync.stores.base import Store
+from kvcertsync.stores.windows import WindowsCertStore
+
+__all__ = ["add_commands", "parse_redirects"]
+
+logger = logging.getLogger(__name__)
+
+#: Environment variables that stand in for ``--ca-file`` and ``--redirect`` (for services).
+CA_FILE_ENV = "KVCERTSYNC_CA_FILE"
+REDIRECT_ENV = "KVCERTSYNC_REDIRECT"
+# How old a status file may be before `status` says the agent looks dead (it rewrites each minute).
+_STALE = timedelta(minutes=5)
+
+
+def parse_redirects(values: Sequence[str]) -> dict[str, str]:
+    """``PATTERN=HOST:PORT`` items (comma-separated too) as the mapping KeyVaultSource takes."""
+    redirect: dict[str, str] = {}
+    for value in values:
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            pattern, sep, target = item.partition("=")
+            if not sep or not pattern:
+                raise KvCertSyncError(
+                    f"redirect {item!r}: expected PATTERN=HOST:PORT, e.g. "
+                    "'*.vault.azure.net=127.0.0.1:8443'"
+                )
+            try:
+                parse_target(target)
+            except ValueError as exc:
+                raise KvCertSyncError(str(exc)) from None
+            redirect[pattern] = target
+    return redirect
+
+
+def _vault_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("reaching a vault other than Azure's (an emulator)")
+    group.add_argument(
+        "--ca-file",
+        metavar="PEM",
+        help=f"trust this CA for the vault's TLS, besides the system's (env {CA_FILE_ENV})",
+    )
+    group.add_argument(
+        "--redirect",
+        action="append",
+        default=[],
+        metavar="PATTERN=HOST:PORT",
+        help="connect to HOST:PORT for vault hosts matching PATTERN; names, SNI and TLS checks "
+        f"stay the vault's (repeatable; env {REDIRECT_ENV}, comma-separated)",
+    )
+
+
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "settings",
+        nargs="?",
+        help="the extension settings JSON (any shape the extension takes; - reads stdin); "
+        "omitted in handler mode",
+    )
+    parser.add_argument("--store", metavar="SPEC", help=f"where certificates go: {STORE_FORMS}")
+    parser.add_argument(
+        "--status-dir", metavar="DIR", help="write status.json here (default: the state directory)"
+    )
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="one pass, then exit 0 if every certificate is installed and current, else 1",
+    )
+    parser.add_argument(
+        "--initial-attempts",
+        type=int,
+        metavar="N",
+        help="attempts per certificate before the initial sync reports error (default "
+        f"{DEFAULT_INITIAL_ATTEMPTS}, as the extension; {ONCE_INITIAL_ATTEMPTS} with --once)",
+    )
+    parser.add_argument(
+        "--handler-environment",
+        metavar="PATH",
+        help="run as the VM extension's handler: read HandlerEnvironment.json's folders "
+        "(found beside the executable when SETTINGS is omitted)",
+    )
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--log-level", choices=LEVELS, default="info")
+    parser.add_argument(
+        "--log-file", metavar="PATH", help="log here, rotated at 10 MiB (default: stderr)"
+    )
+    parser.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=4.0,
+        metavar="S",
+        help="longest graceful stop before in-flight work is abandoned (default 4)",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a progress bar for the initial sync (default: on a terminal, with tqdm installed)",
+    )
+    _vault_options(parser)
+
+
+def agent_options(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> AgentOptions:
+    """The AgentOptions that ``kvcertsync run``'s arguments (and environment) ask for."""
+    env = os.environ if environ is None else environ
+    handler_path = args.handler_environment
+    if args.settings is None and handler_path is None:
+        found = find_handler_environment(sys.argv[0])
+        if found is None:
+            raise KvCertSyncError(
+                "give a settings file (or - for stdin), or --handler-environment PATH; no "
+                "HandlerEnvironment.json was found beside the executable"
+            )
+        handler_path = str(found)
+    if args.settings is not None and handler_path is not None:
+        raise KvCertSyncError("give a settings file or --handler-environment, not both")
+    if args.initial_attempts is not None and args.initial_attempts < 1:
+        raise KvCertSyncError("--initial-attempts must be at least 1")
+    handler = HandlerEnvironment.load(handler_path) if handler_path is not None else None
+    redirects = list(args.redirect)
+    if not redirects and env.get(REDIRECT_ENV):
+        redirects = [env[REDIRECT_ENV]]
+    return AgentOptions(
+        settings=args.settings,
+        store=args.store,
+        status_dir=Path(args.status_dir).absolute() if args.status_dir else None,
+        once=args.once,
+        initial_attempts=args.initial_attempts,
+        ca_file=args.ca_file or env.get(CA_FILE_ENV) or None,
+        redirect=parse_redirects(redirects),
+        handler=handler,
+        stop_timeout=args.stop_timeout,
+        progress=args.progress,
+    )
+
+
+def _notifier() -> Notifier | None:
+    from kvcertsync.agent.systemd import SystemdNotifier
+
+    return SystemdNotifier.from_environment()
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``kvcertsync run``."""
+    import anyio
+
+    options = agent_options(args)
+    log_file = args.log_file
+    if log_file is None and options.handler is not None:
+        options.handler.log_folder.mkdir(parents=True, exist_ok=True)
+        log_file = str(options.handler.log_folder / "kvcertsync.log")
+    configure_logging(level=args.log_level, fmt=args.log_format, file=log_file)
+    agent = Agent(options, notifier=_notifier())
+    try:
+        return anyio.run(agent.run)
+    except KeyboardInterrupt:
+        # Only where no signal handler could be installed (Windows consoles).
+        return 130
+
+
+def _status_path(args: argparse.Namespace) -> Path:
+    if args.file:
+        return Path(args.file)
+    return Path(args.status_dir or default_state_dir()) / STATUS_FILE_NAME
+
+
+def _ago(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    if abs(seconds) >= 86400:
+        return f"{seconds // 86400}d"
+    if abs(seconds) >= 3600:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 60}m" if abs(seconds) >= 60 else f"{seconds}s"
+
+
+def _rows(report: StatusReport, now: datetime, warn: timedelta) -> tuple[list[list[str]], bool]:
+    rows: list[list[str]] = []
+    bad = report.phase is Phase.ERROR or report.phase is Phase.WARNING
+    for cert in report.certificates:
+        state = cert.phase.value
+        expires = "-"
+        if cert.not_after is not None:
+            left = cert.not_after - now
+            expires = _ago(left) if left.total_seconds() > 0 else f"EXPIRED {_ago(-left)} ago"
+            if left <= warn:
+                bad = True
+                state = "expiring" if left.total_seconds() > 0 else "expired"
+        if cert.phase in (Phase.ERROR, Phase.WARNING):
+            bad = True
+        rows.append(
+            [
+                cert.name,
+                state,
+                (cert.version or "-")[:12],
+                (cert.thumbprint or "-")[:12],
+                expires,
+                cert.location or "-",
+                cert.error or "",
+            ]
+        )
+    return rows, bad
+
+
+def status_command(args: argparse.Namespace) -> int:
+    """``kvcertsync status``: exit 1 when a certificate fails or expires within the window."""
+    path = _status_path(args)
+    try:
+        report = read_status(path)
+    except ValueError as exc:
+        print(f"kvcertsync: {exc}", file=sys.stderr)
+        return 1
+    now = datetime.now(UTC)
+    warn = timedelta(days=args.warn_days)
+    rows, bad = _rows(report, now, warn)
+    age = now - report.timestamp
+    stale = age > _STALE
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "file": str(path),
+                    "status": report.phase.value,
+                    "message": report.message,
+                    "timestampUTC": report.timestamp.isoformat(),
+                    "stale": stale,
+                    "certificates": [_cert_json(c) for c in report.certificates],
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(f"{report.phase.value}: {report.message}")
+        note = "  (stale: is the agent running?)" if stale else ""
+        print(f"written {_ago(age)} ago to {path}{note}")
+        if rows:
+            header = ["CERTIFICATE", "STATE", "VERSION", "THUMBPRINT", "EXPIRES IN"]
+            print()
+            _table([[*header, "INSTALLED AT", "LAST ERROR"], *rows])
+    pending = args.ready and any(c.version is None for c in report.certificates)
+    return 1 if bad or stale or pending else 0
+
+
+def _cert_json(cert: Any) -> dict[str, Any]:
+    return {
+        "uri": cert.name,
+        "status": cert.phase.value,
+        "version": cert.version,
+        "thumbprint": cert.thumbprint,
+        "notAfter": cert.not_after.isoformat() if cert.not_after else None,
+        "location": cert.location,
+        "error": cert.error,
+    }
+
+
+def _table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        print("  ".join([*cells, row[-1]]).rstrip())
+
+
+def check_command(args: argparse.Namespace) -> int:
+    """``kvcertsync check``: valid or not, where each certificate goes, what would fail here."""
+    settings = load_settings(args.settings)
+    store: Store
+    if args.store == "windows" and sys.platform != "win32":
+        # A pre-flight for a Windows VM from any machine: describe, never touch, the store.
+        from kvcertsync.stores._fakewin import FakeWindowsCertBackend
+
+        store = WindowsCertStore.from_settings(settings, backend=FakeWindowsCertBackend())
+    else:
+        try:
+            store = store_from_spec(args.store, settings)
+        except ValueError as exc:
+            raise KvCertSyncError(str(exc)) from None
+    print(f"{args.settings}: valid")
+    for line in describe(settings, store):
+        print(line)
+    found = problems(settings, store)
+    for warning in (*settings.warnings, *found):
+        print(f"  warning: {warning}")
+    return 0
+
+
+def run_parser() -> argparse.ArgumentParser:
+    """A parser of ``kvcertsync run``'s arguments alone (for the service's stored options)."""
+    parser = argparse.ArgumentParser(prog="kvcertsync run")
+    _run_options(parser)
+    return parser
+
+
+# Options of run whose value is a path: a service starts in %SystemRoot%\System32.
+_PATH_OPTIONS = ("--status-dir", "--log-file", "--ca-file", "--handler-environment")
+
+
+def absolute_run_args(run_args: Sequence[str]) -> list[str]:
+    """``run_args`` checked by run's parser, with every path made absolute."""
+    parsed = run_parser().parse_args(run_args)
+    out: list[str] = []
+    take_path = False
+    for arg in run_args:
+        option, sep, value = arg.partition("=")
+        if take_path:
+            out.append(os.path.abspath(arg))
+        elif sep and option in _PATH_OPTIONS:
+            out.append(f"{option}={os.path.abspath(value)}")
+        elif arg == parsed.settings and arg != "-":
+            out.append(os.path.abspath(arg))
+        else:
+            out.append(arg)
+        take_path = arg in _PATH_OPTIONS
+    return out
+
+
+def _service_arguments(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The service name and run's options, ``--name`` accepted before or after the action."""
+    name: str = args.name
+    rest = list(args.run_args)
+    while rest and rest[0] != "--":
+        if rest[0] == "--name" and len(rest) > 1:
+            name, rest = rest[1], rest[2:]
+        elif rest[0].startswith("--name="):
+            name, rest = rest[0].partition("=")[2], rest[1:]
+        else:
+            break
+    return name, rest[1:] if rest[:1] == ["--"] else rest
+
+
+def service_command(args: argparse.Namespace) -> int:
+    """``kvcertsync service ACTION [-- run options]`` (Windows)."""
+    from kvcertsync.agent.winservice import service_main
+
+    name, run_args = _service_arguments(args)
+    if args.action == "install":
+        return service_main("install", absolute_run_args(run_args), name=name)
+    if args.action != "host":
+        return service_main(args.action, run_args, name=name)
+    run = run_parser().parse_args(run_args)
+    options = agent_options(run)
+    configure_logging(level=run.log_level, fmt=run.log_format, file=run.log_file)
+
+    def factory(notifier: Notifier) -> Agent:
+        return Agent(options, notifier=notifier)
+
+    return service_main("host", run_args, name=name, agent_factory=factory)
+
+
+def add_commands(commands: Any) -> None:
+    """Add ``check``, ``run``, ``status`` and ``service`` to the ``kvcertsync`` parser."""
+    check = commands.add_parser(
+        "check", help="validate a Key Vault VM extension settings file and show what it does here"
+    )
+    check.add_argument("settings", help="path to the extension settings JSON")
+    check.add_argument("--store", metavar="SPEC", help=f"as for run: {STORE_FORMS}")
+    check.set_defaults(func=check_command)
+
+    run = commands.add_parser(
+        "run", help="keep the settings' certificates installed and current (the agent)"
+    )
+    _run_options(run)
+    run.set_defaults(func=run_command)
+
+    status = commands.add_parser("status", help="show what a running agent last reported")
+    where = status.add_mutually_exclusive_group()
+    where.add_argument("--status-dir", metavar="DIR", help="as given to run")
+    where.add_argument("--file", metavar="PATH", help="a status file (e.g. a handler's N.status)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--warn-days",
+        type=float,
+        default=14,
+        metavar="DAYS",
+        help="exit 1 when a certificate expires within DAYS (default 14)",
+    )
+    status.add_argument(
+        "--ready",
+        action="store_true",
+        help="exit 1 also while a certificate is not installed yet (a container health check)",
+    )
+    status.set_defaults(func=status_command)
+
+    service = commands.add_parser(
+        "service", help="install or remove kvcertsync run as a Windows service"
+    )
+    service.add_argument("action", choices=("install", "remove", "start", "stop", "host"))
+    service.add_argument("--name", default="kvcertsync", help="the service name")
+    service.add_argument(
+        "run_args", nargs=argparse.REMAINDER, help="-- then run's arguments (for install)"
+    )
+    service.set_defaults(func=service_command)

@@ -1,0 +1,513 @@
+"""The daemon behind ``kvcertsync run``: the Key Vault VM extension as a service an operator runs.
+
+One Agent reads the extension's settings (a file, stdin, or the VM agent's handler folders),
+builds credential, source, store and engine, and runs until stopped: SIGTERM/SIGINT stop it
+gracefully at any moment, SIGHUP re-reads the settings, the status file says where every
+certificate stands, and the supervisor (systemd, the Windows SCM) hears of readiness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import anyio
+import anyio.abc
+import attrs
+
+from kvcertsync.agent.compose import reconfigure, store_from_spec, sync_from_settings
+from kvcertsync.agent.handler import HandlerEnvironment
+from kvcertsync.agent.notify import Notifier, NullNotifier
+from kvcertsync.agent.status import (
+    STATUS_FILE_NAME,
+    CertificateStatus,
+    StatusReport,
+    default_state_dir,
+    heartbeat_document,
+    status_document,
+    summarize,
+    write_json_atomic,
+)
+from kvcertsync.engine import CertSync, InitialSyncError
+from kvcertsync.errors import KvCertSyncError, SettingsError
+from kvcertsync.events import Event
+from kvcertsync.settings import AgentSettings, load_settings, parse_settings
+
+__all__ = ["DEFAULT_INITIAL_ATTEMPTS", "ONCE_INITIAL_ATTEMPTS", "Agent", "AgentOptions"]
+
+logger = logging.getLogger(__name__)
+
+#: Initial attempts per certificate before the initial sync reports error (the extension's 25).
+DEFAULT_INITIAL_ATTEMPTS: Final = 25
+#: ``--once`` gives each certificate this many attempts: transient faults pass, cron never hangs.
+ONCE_INITIAL_ATTEMPTS: Final = 3
+# How often the status file is rewritten while nothing changes (the VM agent wants <= 2 min).
+_STATUS_EVERY: Final = 60.0
+# How often the heartbeat file is refreshed (the VM agent wants <= 1 min).
+_HEARTBEAT_EVERY: Final = 30.0
+# Changes are written at most this often: an initial sync of thousands is one write a second.
+_STATUS_SETTLE: Final = 1.0
+
+
+@attrs.frozen
+class AgentOptions:
+    """What ``kvcertsync run`` was asked to do."""
+
+    #: A settings file, ``-`` for stdin, or None in handler mode.
+    settings: str | None = None
+    #: ``pem:DIR``, ``pem-split:DIR``, ``windows``, ``memory``; None: the platform's default.
+    store: str | None = None
+    status_dir: Path | None = None
+    once: bool = False
+    #: Initial attempts per certificate; None: 25, or 3 with ``once``.
+    initial_attempts: int | None = None
+    ca_file: str | None = None
+    redirect: Mapping[str, str] = attrs.field(factory=dict)
+    handler: HandlerEnvironment | None = None
+    #: How long a graceful stop may take before in-flight work is abandoned.
+    stop_timeout: float = 4.0
+    #: Show a progress bar for the initial sync (None: when stderr is a terminal).
+    progress: bool | None = None
+    #: Without a bar, how often a long initial sync logs how far it is.
+    progress_every: float = 10.0
+
+
+class Agent:
+    """One run of the agent: settings in, certificates kept current, status out."""
+
+    def __init__(self, options: AgentOptions, *, notifier: Notifier | None = None) -> None:
+        if options.settings is None and options.handler is None:
+            raise ValueError("give a settings file or a handler environment")
+        self.options = options
+        self.notifier: Notifier = notifier or NullNotifier()
+        self.settings: AgentSettings | None = None
+        self.sync: CertSync | None = None
+        self.exit_status: int | None = None
+        self._sequence: int | None = None
+        self._stdin_text: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._stop = threading.Event()
+        self._stop_event: anyio.Event | None = None
+        self._reload_event: anyio.Event | None = None
+        self._dirty: anyio.Event | None = None
+        self._ready_sent = False
+        self._grace: threading.Timer | None = None
+
+    # ------------------------------------------------------------------ control
+
+    def request_stop(self) -> None:
+        """Stop gracefully (thread-safe; from a signal, the Windows SCM, any thread)."""
+        if self._stop.is_set() or self.exit_status is not None:
+            return
+        self._stop.set()
+        logger.info("stopping (in-flight installs finish; at most %g s)", self.options.stop_timeout)
+        self.notifier.stopping()
+        self._grace = threading.Timer(self.options.stop_timeout, self._abandon)
+        self._grace.daemon = True
+        self._grace.start()
+        self._call_soon(lambda: self._stop_event.set() if self._stop_event else None)
+
+    def request_reload(self) -> None:
+        """Re-read the settings (thread-safe; SIGHUP, the SCM's PARAMCHANGE)."""
+        self._call_soon(lambda: self._reload_event.set() if self._reload_event else None)
+
+    def _call_soon(self, action: Callable[[], object]) -> None:
+        """Run ``action`` on the agent's loop without waiting for it (a wedged loop must not
+        block the caller: a signal handler, the Windows SCM's control thread)."""
+        loop = self._loop
+        if loop is None:
+            return  # not running yet: run() looks at the request when it starts
+        if threading.get_ident() == self._loop_thread:
+            action()
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closing: the run is over anyway
+            loop.call_soon_threadsafe(action)
+
+    def _abandon(self) -> None:
+        """The graceful stop overran: leave now; every install is atomic, nothing is torn."""
+        logger.warning(
+            "stop took longer than %g s: abandoning in-flight work", self.options.stop_timeout
+        )
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(self.exit_status if self.exit_status is not None else 0)
+
+    # ------------------------------------------------------------------ settings
+
+    def _read_settings(self) -> AgentSettings:
+        options = self.options
+        if options.handler is not None:
+            self._sequence = options.handler.sequence_number()
+            path = options.handler.settings_file(self._sequence)
+            settings = load_settings(path)
+            if b"protectedSettings" in path.read_bytes():
+                logger.info("%s: protectedSettings ignored (the extension defines none)", path)
+            return settings
+        if options.settings == "-":
+            if self._stdin_text is None:
+                self._stdin_text = sys.stdin.read()
+                return parse_settings(self._stdin_text)
+            raise SettingsError("the settings came from stdin: there is nothing to re-read")
+        assert options.settings is not None
+        return load_settings(options.settings)
+
+    def _build(self, settings: AgentSettings) -> CertSync:
+        options = self.options
+        try:
+            store = store_from_spec(options.store, settings)
+        except ValueError as exc:
+            raise KvCertSyncError(str(exc)) from None
+        attempts = options.initial_attempts
+        if attempts is None:
+            attempts = ONCE_INITIAL_ATTEMPTS if options.once else DEFAULT_INITIAL_ATTEMPTS
+        return sync_from_settings(
+            settings,
+            store=store,
+            ca_file=options.ca_file,
+            redirect=options.redirect or None,
+            initial_sync_attempts=attempts,
+            # A pass for cron must give every certificate its attempts, whatever the setting.
+            require_initial_sync=True if options.once else settings.require_initial_sync,
+        )
+
+    # ------------------------------------------------------------------ the run
+
+    async def run(self) -> int:
+        """Run until stopped (or one pass with ``once``); returns the process exit status."""
+        self._loop_thread = threading.get_ident()
+        # The agent runs on asyncio (aiohttp): its loop takes hand-offs from other threads.
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = anyio.Event()
+        self._reload_event = anyio.Event()
+        self._dirty = anyio.Event()
+        if self._stop.is_set():
+            self._stop_event.set()
+        try:
+            settings = await anyio.to_thread.run_sync(self._read_settings)
+            sync = self._build(settings)
+        except KvCertSyncError as exc:
+            logger.error("%s", exc)
+            self.exit_status = 2
+            return 2
+        self.settings, self.sync = settings, sync
+        self._announce(settings)
+        sync.subscribe(self._changed)
+        try:
+            status = await self._serve(sync)
+        finally:
+            if self._grace is not None:
+                self._grace.cancel()
+        self.exit_status = status
+        return status
+
+    def _announce(self, settings: AgentSettings) -> None:
+        assert self.sync is not None
+        where = {str(self.sync.store)}
+        logger.info(
+            "kvcertsync agent: %d certificates, polling every %g s, requireInitialSync %s, "
+            "store %s",
+            len(settings.observed),
+            settings.polling_interval,
+            str(settings.require_initial_sync).lower(),
+            ", ".join(sorted(where)),
+        )
+        for warning in settings.warnings:
+            logger.warning("settings: %s", warning)
+        if settings.logging is not None:
+            logger.warning(
+                "settings: loggingSettings (%s) is not honoured: kvcertsync logs to stderr or "
+                "--log-file (JSON lines with --log-format json, for a log shipper to forward)",
+                settings.logging.logger or "no logger named",
+            )
+
+    async def _changed(self, event: Event) -> None:
+        if self._dirty is not None:
+            self._dirty.set()
+
+    async def _serve(self, sync: CertSync) -> int:
+        status = 0
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._signals)
+            tg.start_soon(self._keep_alive)
+            if not self.options.once:
+                tg.start_soon(self._status_loop)
+                tg.start_soon(self._reload_loop)
+            try:
+                async with sync:
+                    if not self.options.once:
+                        await self._write_status()
+                    if self.options.once:
+                        status = await self._once(sync)
+                    else:
+                        await self._initial(sync)
+                        assert self._stop_event is not None
+                        await self._stop_event.wait()
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                    await self._write_status(final=True)
+                tg.cancel_scope.cancel()
+        return status
+
+    async def _until_stopped(self, work: Callable[[], Awaitable[Any]]) -> bool:
+        """Run ``work`` unless a stop comes first; True when it finished."""
+        finished = False
+        assert self._stop_event is not None
+        stop = self._stop_event
+        async with anyio.create_task_group() as tg:
+
+            async def body() -> None:
+                nonlocal finished
+                await work()
+                finished = True
+                tg.cancel_scope.cancel()
+
+            async def stopper() -> None:
+                await stop.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(body)
+            tg.start_soon(stopper)
+        return finished
+
+    async def _initial(self, sync: CertSync) -> None:
+        failed: list[InitialSyncError] = []
+
+        async def wait() -> None:
+            try:
+                await sync.wait_ready()
+            except InitialSyncError as exc:
+                failed.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._progress, sync)
+            finished = await self._until_stopped(wait)
+            tg.cancel_scope.cancel()
+        if not finished:
+            return
+        if failed:
+            logger.error(
+                "%s; still polling: the service counts as started once they are installed",
+                failed[0],
+            )
+        else:
+            logger.info("initial sync complete")
+        await self._write_status()
+
+    async def _once(self, sync: CertSync) -> int:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._progress, sync)
+            finished = await self._until_stopped(self._wait_quietly(sync))
+            tg.cancel_scope.cancel()
+        failures = 0
+        for state in sync.states():
+            if state.current:
+                continue
+            failures += 1
+            reason = state.error or ("pending" if finished else "stopped before it was installed")
+            logger.error("%s: %s", state.uri, reason, extra={"uri": str(state.uri)})
+        total = len(sync.states())
+        if failures:
+            logger.error("%d of %d certificates not installed and current", failures, total)
+            return 1
+        logger.info("all %d certificates installed and current", total)
+        return 0
+
+    @staticmethod
+    def _wait_quietly(sync: CertSync) -> Callable[[], Awaitable[None]]:
+        async def wait() -> None:
+            # Each failure is reported by certificate, not as the one InitialSyncError.
+            with contextlib.suppress(InitialSyncError):
+                await sync.wait_ready()
+
+        return wait
+
+    # ------------------------------------------------------------------ background tasks
+
+    async def _signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            # Signals reach the main thread only: hosted in another (a Windows service's
+            # thread), the host stops the agent through request_stop().
+            await anyio.sleep_forever()
+        if sys.platform == "win32":
+            # No signal handlers on Windows' loop: Ctrl+C arrives through signal.signal.
+            signal.signal(signal.SIGINT, lambda *_: self.request_stop())
+            await anyio.sleep_forever()
+        wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        with anyio.open_signal_receiver(*wanted) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    logger.info("SIGHUP: re-reading the settings")
+                    self.request_reload()
+                elif self._stop.is_set():
+                    logger.warning("second %s: exiting now", signal.Signals(signum).name)
+                    for handler in logging.getLogger().handlers:
+                        handler.flush()
+                    os._exit(128 + signum)
+                else:
+                    logger.info("%s received", signal.Signals(signum).name)
+                    self.request_stop()
+
+    async def _keep_alive(self) -> None:
+        interval = 10.0
+        watchdog = getattr(self.notifier, "watchdog_interval", None)
+        if isinstance(watchdog, int | float) and watchdog > 0:
+            interval = min(interval, watchdog / 3)
+        while True:
+            self.notifier.alive()
+            await anyio.sleep(interval)
+
+    async def _status_loop(self) -> None:
+        assert self._dirty is not None
+        await self._write_heartbeat()
+        last_heartbeat = anyio.current_time()
+        while True:
+            with anyio.move_on_after(min(_STATUS_EVERY, _HEARTBEAT_EVERY)):
+                await self._dirty.wait()
+                await anyio.sleep(_STATUS_SETTLE)
+            self._dirty = anyio.Event()
+            await self._write_status()
+            now = anyio.current_time()
+            if now - last_heartbeat >= _HEARTBEAT_EVERY:
+                last_heartbeat = now
+                await self._write_heartbeat()
+
+    async def _reload_loop(self) -> None:
+        while True:
+            assert self._reload_event is not None
+            await self._reload_event.wait()
+            self._reload_event = anyio.Event()
+            await self._reload()
+
+    async def _reload(self) -> None:
+        sync = self.sync
+        assert sync is not None
+        if self._ready_sent:
+            self.notifier.reloading()
+        try:
+            settings = await anyio.to_thread.run_sync(self._read_settings)
+            before = {o.uri: o for o in sync.observed}
+            reconfigure(sync, settings)
+        except (KvCertSyncError, ValueError) as exc:
+            logger.error("reload refused, the running settings stay: %s", exc)
+        else:
+            self.settings = settings
+            after = {o.uri: o for o in sync.observed}
+            added = [str(u) for u in after if u not in before]
+            removed = [str(u) for u in before if u not in after]
+            changed = [str(u) for u in after if u in before and before[u] != after[u]]
+            logger.info(
+                "settings reloaded: %d certificates (added %s; removed %s; changed %s), polling "
+                "every %g s",
+                len(after),
+                ", ".join(added) or "none",
+                ", ".join(removed) or "none",
+                ", ".join(changed) or "none",
+                settings.polling_interval,
+            )
+            for warning in settings.warnings:
+                logger.warning("settings: %s", warning)
+        if self._ready_sent:
+            self.notifier.ready()
+        await self._write_status()
+
+    async def _progress(self, sync: CertSync) -> None:
+        total = len(sync.observed)
+        show_bar = self.options.progress
+        if show_bar is None:
+            show_bar = sys.stderr.isatty()
+        if show_bar:
+            try:
+                from tqdm import tqdm
+                from tqdm.contrib.logging import logging_redirect_tqdm
+            except ImportError:
+                show_bar = False
+        if not show_bar:
+            while True:
+                await anyio.sleep(self.options.progress_every)
+                logger.info("initial sync: %d of %d certificates", sync.initial_sync_done, total)
+        bar = tqdm(total=total, unit="cert", desc="initial sync", leave=False)
+        try:
+            with logging_redirect_tqdm():
+                while True:
+                    bar.update(sync.initial_sync_done - bar.n)
+                    await anyio.sleep(0.2)
+        finally:
+            bar.update(sync.initial_sync_done - bar.n)
+            bar.close()
+
+    # ------------------------------------------------------------------ status files
+
+    def status_report(self) -> StatusReport:
+        """Where the agent and every certificate stand now, as the status file says."""
+        sync = self.sync
+        settings = self.settings
+        assert sync is not None and settings is not None
+        states = sync.states()
+        phase, message = summarize(
+            states,
+            require_initial_sync=sync.require_initial_sync,
+            initial_done=sync.initial_sync_done == len(states),
+        )
+        name = self.options.handler.name if self.options.handler is not None else "kvcertsync"
+        return StatusReport(
+            name=name,
+            phase=phase,
+            message=message,
+            certificates=tuple(CertificateStatus.of(s) for s in states),
+            timestamp=datetime.now(UTC),
+        )
+
+    def status_path(self) -> Path:
+        """Where the status file goes: ``statusFolder/<N>.status``, or the status directory."""
+        handler = self.options.handler
+        if handler is not None and self._sequence is not None:
+            return handler.status_file(self._sequence)
+        return (self.options.status_dir or default_state_dir()) / STATUS_FILE_NAME
+
+    async def _write_status(self, *, final: bool = False) -> None:
+        sync = self.sync
+        assert sync is not None
+        report = self.status_report()
+        if final:
+            done = "one pass done" if self.options.once else "agent stopped"
+            report = attrs.evolve(report, message=f"{done}; {report.message}")
+        elif not self._ready_sent:
+            installed = all(s.last_success is not None for s in sync.states())
+            if installed or not sync.require_initial_sync:
+                self._ready_sent = True
+                self.notifier.ready()
+        if not final:
+            self.notifier.status(report.message)
+        path = self.status_path()
+        data = status_document(report)
+        try:
+            await anyio.to_thread.run_sync(_write_in, path, data)
+        except OSError as exc:
+            logger.warning("cannot write the status file %s: %s", path, exc.strerror or exc)
+
+    async def _write_heartbeat(self) -> None:
+        handler = self.options.handler
+        if handler is None or handler.heartbeat_file is None:
+            return
+        data = heartbeat_document(self.status_report())
+        try:
+            await anyio.to_thread.run_sync(_write_in, handler.heartbeat_file, data)
+        except OSError as exc:
+            logger.warning(
+                "cannot write the heartbeat %s: %s", handler.heartbeat_file, exc.strerror or exc
+            )
+
+
+def _write_in(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    write_json_atomic(path, data)

@@ -1,0 +1,341 @@
+"""Status files in the Key Vault VM extension's format, as the Azure VM agent reads them.
+
+The status file is a JSON array holding one object::
+
+    [{"version": 1.0, "timestampUTC": "2026-12-03T07:00:00Z",
+      "status": {"name": ..., "operation": "Enable", "status": "success", "code": 0,
+                 "formattedMessage": {"lang": "en-US", "message": ...},
+                 "substatus": [{"name": <url>, "status": ..., "code": ...,
+                                "formattedMessage": {"lang": "en-US", "message": ...}}]}}]
+
+with one substatus per certificate. The same object is written in plain mode (``--status-dir``)
+and read back by ``kvcertsync status``; it is a report, never the only copy of anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import os
+import re
+import secrets
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+
+from kvcertsync.engine import CertificateState
+
+__all__ = [
+    "FILE_LIMIT",
+    "MESSAGE_LIMIT",
+    "STATUS_FILE_NAME",
+    "SUBSTATUS_FIELD_LIMIT",
+    "TRUNCATED",
+    "CertificateStatus",
+    "Phase",
+    "StatusReport",
+    "default_state_dir",
+    "heartbeat_document",
+    "read_status",
+    "status_document",
+    "summarize",
+    "write_json_atomic",
+]
+
+#: The longest ``formattedMessage.message`` of the top-level status, in characters.
+MESSAGE_LIMIT: Final = 1024
+#: The longest field of one substatus entry, in bytes.
+SUBSTATUS_FIELD_LIMIT: Final = 10 * 1024
+#: The largest status file, in bytes.
+FILE_LIMIT: Final = 128 * 1024
+#: What marks a shortened text, as the VM agent itself marks it.
+TRUNCATED: Final = " ... [TRUNCATED]"
+#: The file name of the status in plain mode (handler mode writes ``<seqNo>.status``).
+STATUS_FILE_NAME: Final = "status.json"
+
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_LANG = "en-US"
+# The one grammar of a substatus message: written here, parsed back by ``read_status``.
+_MESSAGE = re.compile(
+    r"^version: (?P<version>\S+); thumbprint: (?P<thumbprint>\S+); "
+    r"notAfter: (?P<not_after>\S+); location: (?P<location>.*?)(?:; error: (?P<error>.*))?$"
+    r"|^not installed(?:; error: (?P<pending_error>.*))?$",
+    re.DOTALL,
+)
+
+
+class Phase(enum.Enum):
+    """The status values the VM agent knows."""
+
+    TRANSITIONING = "transitioning"
+    SUCCESS = "success"
+    WARNING = "warning"
+    ERROR = "error"
+
+    @property
+    def code(self) -> int:
+        """The status code that goes with it: 0 unless something failed."""
+        return 0 if self in (Phase.TRANSITIONING, Phase.SUCCESS) else 1
+
+
+@attrs.frozen
+class CertificateStatus:
+    """One certificate as a status file tells it."""
+
+    name: str
+    phase: Phase
+    version: str | None = None
+    thumbprint: str | None = None
+    not_after: datetime | None = None
+    location: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, state: CertificateState) -> CertificateStatus:
+        """The status of one certificate, from the engine's view of it."""
+        installed = state.installed
+        if installed is None:
+            phase = Phase.TRANSITIONING if state.error is None else Phase.ERROR
+            return cls(str(state.uri), phase, error=state.error)
+        return cls(
+            str(state.uri),
+            Phase.SUCCESS if state.error is None else Phase.WARNING,
+            version=installed.version,
+            thumbprint=installed.thumbprint,
+            not_after=installed.not_after,
+            location=installed.location,
+            error=state.error,
+        )
+
+    @property
+    def message(self) -> str:
+        """The substatus message: version, thumbprint, notAfter and place, or the error."""
+        if self.version is None or self.not_after is None:
+            text = "not installed"
+        else:
+            text = (
+                f"version: {self.version}; thumbprint: {self.thumbprint}; "
+                f"notAfter: {self.not_after.strftime(_TIME_FORMAT)}; location: {self.location}"
+            )
+        return text if self.error is None else f"{text}; error: {_one_line(self.error)}"
+
+    def to_json(self) -> dict[str, Any]:
+        """The substatus object, each field within the VM agent's limit."""
+        return {
+            "name": _clip_bytes(self.name, SUBSTATUS_FIELD_LIMIT),
+            "status": self.phase.value,
+            "code": self.phase.code,
+            "formattedMessage": {
+                "lang": _LANG,
+                "message": _clip_bytes(self.message, SUBSTATUS_FIELD_LIMIT),
+            },
+        }
+
+    @classmethod
+    def from_json(cls, node: Any) -> CertificateStatus:
+        """Read a substatus object back (one this module wrote)."""
+        name = str(node.get("name", ""))
+        phase = Phase(node.get("status"))
+        message = str((node.get("formattedMessage") or {}).get("message", ""))
+        match = _MESSAGE.match(message)
+        if match is None:
+            return cls(name, phase, error=message or None)
+        if match["version"] is None:
+            return cls(name, phase, error=match["pending_error"])
+        return cls(
+            name,
+            phase,
+            version=match["version"],
+            thumbprint=match["thumbprint"],
+            not_after=datetime.strptime(match["not_after"], _TIME_FORMAT).replace(tzinfo=UTC),
+            location=match["location"],
+            error=match["error"],
+        )
+
+
+@attrs.frozen
+class StatusReport:
+    """The whole status: the agent's phase and message, and every certificate."""
+
+    name: str
+    phase: Phase
+    message: str
+    certificates: tuple[CertificateStatus, ...]
+    timestamp: datetime = attrs.field(factory=lambda: datetime.now(UTC))
+    operation: str = "Enable"
+    #: Certificates left out of the file to keep it within FILE_LIMIT.
+    omitted: int = 0
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` in at most ``limit`` characters, marked when shortened."""
+    return text if len(text) <= limit else text[: limit - len(TRUNCATED)] + TRUNCATED
+
+
+def _clip_bytes(text: str, limit: int) -> str:
+    """``text`` in at most ``limit`` UTF-8 bytes, marked when shortened."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - len(TRUNCATED)].decode(errors="ignore") + TRUNCATED
+
+
+def _rank(status: CertificateStatus) -> int:
+    # Failing certificates first: when the file must be cut, what needs attention stays in it.
+    return {Phase.ERROR: 0, Phase.WARNING: 1, Phase.TRANSITIONING: 2, Phase.SUCCESS: 3}[
+        status.phase
+    ]
+
+
+def _document(report: StatusReport, substatus: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "version": 1.0,
+            "timestampUTC": report.timestamp.astimezone(UTC).strftime(_TIME_FORMAT),
+            "status": {
+                "name": report.name,
+                "operation": report.operation,
+                "status": report.phase.value,
+                "code": report.phase.code,
+                "formattedMessage": {
+                    "lang": _LANG,
+                    "message": _clip(report.message, MESSAGE_LIMIT),
+                },
+                "substatus": substatus,
+            },
+        }
+    ]
+
+
+def _encode(document: list[dict[str, Any]]) -> bytes:
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def status_document(report: StatusReport) -> bytes:
+    """The status file's bytes: within FILE_LIMIT, failing certificates kept first.
+
+    When every substatus does not fit, the last ones are left out and the message says how many
+    (ending in the VM agent's own " ... [TRUNCATED]" mark).
+    """
+    entries = [c.to_json() for c in sorted(report.certificates, key=_rank)]
+    data = _encode(_document(report, entries))
+    if len(data) <= FILE_LIMIT:
+        return data
+    low, high = 0, len(entries)
+    while low < high:  # the most entries that fit, with the message saying what was cut
+        middle = (low + high + 1) // 2
+        trial = _document(_with_omitted(report, len(entries) - middle), entries[:middle])
+        if len(_encode(trial)) <= FILE_LIMIT:
+            low = middle
+        else:
+            high = middle - 1
+    return _encode(_document(_with_omitted(report, len(entries) - low), entries[:low]))
+
+
+def _with_omitted(report: StatusReport, omitted: int) -> StatusReport:
+    note = f" ({omitted} more certificates not listed: the status file is limited to 128 KiB)"
+    message = _clip(report.message, MESSAGE_LIMIT - len(note) - len(TRUNCATED)) + note + TRUNCATED
+    return attrs.evolve(report, message=message, omitted=omitted)
+
+
+def heartbeat_document(report: StatusReport) -> bytes:
+    """The heartbeat file's bytes: the agent is up and what it is doing.
+
+    The VM agent 2.7 reads ``status`` only; newer ones show ``formattedMessage``.
+    """
+    message = _clip(report.message, MESSAGE_LIMIT)
+    heartbeat = {
+        "status": "ready" if report.phase is not Phase.ERROR else "notready",
+        "code": report.phase.code,
+        "Message": message,
+        "formattedMessage": {"lang": _LANG, "message": message},
+    }
+    return _encode([{"version": 1.0, "heartbeat": heartbeat}])
+
+
+def read_status(path: str | os.PathLike[str]) -> StatusReport:
+    """Read a status file this module wrote; ValueError names the file and what is wrong."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as handle:
+            document = json.loads(handle.read())
+        node = document[0]
+        status = node["status"]
+        return StatusReport(
+            name=str(status["name"]),
+            phase=Phase(status["status"]),
+            message=str(status["formattedMessage"]["message"]),
+            certificates=tuple(CertificateStatus.from_json(s) for s in status.get("substatus", [])),
+            timestamp=datetime.strptime(node["timestampUTC"], _TIME_FORMAT).replace(tzinfo=UTC),
+            operation=str(status.get("operation", "")),
+        )
+    except FileNotFoundError:
+        raise ValueError(f"{name}: no status file (is kvcertsync run writing here?)") from None
+    except OSError as exc:
+        raise ValueError(f"{name}: cannot read: {exc.strerror or exc}") from None
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{name}: not a status file kvcertsync wrote ({exc})") from None
+
+
+def write_json_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` in one rename: a reader sees the old file or the new."""
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def default_state_dir() -> Path:
+    """Where the agent keeps its status when not told: systemd's StateDirectory, else per user."""
+    systemd = os.environ.get("STATE_DIRECTORY")
+    if systemd:
+        return Path(systemd.split(":")[0])
+    if sys.platform == "win32":
+        return Path(os.environ.get("PROGRAMDATA", r"C:\ProgramData")) / "kvcertsync"
+    if os.geteuid() == 0:
+        return Path("/var/lib/kvcertsync")
+    state_home = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(state_home) / "kvcertsync"
+
+
+def summarize(
+    states: Sequence[CertificateState], *, require_initial_sync: bool, initial_done: bool
+) -> tuple[Phase, str]:
+    """The agent's phase and a one-line message, from every certificate's state."""
+    total = len(states)
+    installed = sum(1 for s in states if s.last_success is not None)
+    failing = [s for s in states if s.error is not None]
+    gave_up = [s for s in failing if s.gave_up and s.last_success is None]
+    if gave_up and require_initial_sync:
+        first = gave_up[0]
+        return Phase.ERROR, (
+            f"initial sync failed: {len(gave_up)} of {total} certificates could not be "
+            f"installed; {first.uri}: {first.error}"
+        )
+    if require_initial_sync and installed < total and not initial_done:
+        return Phase.TRANSITIONING, f"initial sync: {installed} of {total} certificates installed"
+    if failing:
+        first = failing[0]
+        return Phase.WARNING, (
+            f"{len(failing)} of {total} certificates failing; {first.uri}: {first.error}"
+        )
+    if installed < total:
+        return Phase.SUCCESS, f"{installed} of {total} certificates installed, the rest pending"
+    return Phase.SUCCESS, f"{total} certificates installed and current"
