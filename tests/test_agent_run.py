@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import stat
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -593,3 +594,51 @@ async def test_every_status_file_a_handler_run_writes_passes_walinuxagent(
         }
     (heartbeat,) = waagent_collect_heartbeats([handler / "heartbeat.log"])
     assert not heartbeat.get("error"), heartbeat
+
+
+async def test_emulator_options_from_the_environment(
+    kv: LocalKeyVault, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    """A service sets KVCERTSYNC_CA_FILE and KVCERTSYNC_REDIRECT instead of options."""
+    settings = write_settings(tmp_path / "s.json", settings_document(kv, ["web"], tmp_path / "c"))
+    ((pattern, target),) = kv.redirect.items()
+    env = {"KVCERTSYNC_CA_FILE": kv.ca_file, "KVCERTSYNC_REDIRECT": f"{pattern}={target}"}
+    agent = AgentProcess([str(settings), "--once"], tmp=tmp_path, env=env)
+    agents.append(agent)
+    assert (await agent.wait_exit(30))[0] == 0
+    assert (tmp_path / "c" / "demo.web").exists()
+
+
+async def test_a_handler_finds_its_environment_beside_the_executable(
+    kv: LocalKeyVault, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    """As the VM agent lays a handler out: bin/kvcertsync, HandlerEnvironment.json one up."""
+    handler = tmp_path / "Microsoft.Azure.KeyVault.KeyVaultForLinux-3.0.1"
+    write_handler_environment(handler)
+    document = settings_document(kv, ["web"], tmp_path / "certs")
+    envelope = {"runtimeSettings": [{"handlerSettings": {"publicSettings": document}}]}
+    (handler / "config" / "0.settings").write_text(json.dumps(envelope))
+    (handler / "bin").mkdir()
+    launcher = handler / "bin" / "kvcertsync"
+    launcher.write_text(
+        f"#!{sys.executable}\nimport sys\nfrom kvcertsync.__main__ import main\nsys.exit(main())\n"
+    )
+    launcher.chmod(0o755)
+    process = await anyio.open_process(
+        [str(launcher), "run", *emulator_options(kv)],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    try:
+        status_file = handler / "status" / "0.status"
+        with anyio.fail_after(30):
+            while not status_file.exists() or b'"success"' not in status_file.read_bytes():
+                assert process.returncode is None
+                await anyio.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(5):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.aclose()
+    assert "kvcertsync agent: 1 certificate," in (handler / "logs" / "kvcertsync.log").read_text()

@@ -248,4 +248,4 @@ def test_the_containers_commands_run_as_written(tmp_path: Path) -> None:
     assert (tmp_path / "certs" / "demo.web").is_symlink()
     healthy = kvcertsync(*health[1:])
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
-    assert "one pass done; 1 certificates installed and current" in healthy.stdout
+    assert "one pass done; 1 certificate installed and current" in healthy.stdout

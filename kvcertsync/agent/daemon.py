@@ -31,6 +31,7 @@ from kvcertsync.agent.status import (
     STATUS_FILE_NAME,
     CertificateStatus,
     StatusReport,
+    certificates,
     default_state_dir,
     heartbeat_document,
     status_document,
@@ -212,14 +213,12 @@ class Agent:
 
     def _announce(self, settings: AgentSettings) -> None:
         assert self.sync is not None
-        where = {str(self.sync.store)}
         logger.info(
-            "kvcertsync agent: %d certificates, polling every %g s, requireInitialSync %s, "
-            "store %s",
-            len(settings.observed),
+            "kvcertsync agent: %s, polling every %g s, requireInitialSync %s, store %r",
+            certificates(len(settings.observed)),
             settings.polling_interval,
             str(settings.require_initial_sync).lower(),
-            ", ".join(sorted(where)),
+            self.sync.store,
         )
         for warning in settings.warnings:
             logger.warning("settings: %s", warning)
@@ -319,7 +318,7 @@ class Agent:
         if failures:
             logger.error("%d of %d certificates not installed and current", failures, total)
             return 1
-        logger.info("all %d certificates installed and current", total)
+        logger.info("all %s installed and current", certificates(total))
         return 0
 
     @staticmethod

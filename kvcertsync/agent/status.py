@@ -39,6 +39,7 @@ __all__ = [
     "CertificateStatus",
     "Phase",
     "StatusReport",
+    "certificates",
     "default_state_dir",
     "heartbeat_document",
     "read_status",
@@ -315,6 +316,11 @@ def default_state_dir() -> Path:
     return Path(state_home) / "kvcertsync"
 
 
+def certificates(count: int) -> str:
+    """``1 certificate``, ``2 certificates``."""
+    return f"{count} certificate" if count == 1 else f"{count} certificates"
+
+
 def summarize(
     states: Sequence[CertificateState], *, require_initial_sync: bool, initial_done: bool
 ) -> tuple[Phase, str]:
@@ -338,4 +344,4 @@ def summarize(
         )
     if installed < total:
         return Phase.SUCCESS, f"{installed} of {total} certificates installed, the rest pending"
-    return Phase.SUCCESS, f"{total} certificates installed and current"
+    return Phase.SUCCESS, f"{certificates(total)} installed and current"
