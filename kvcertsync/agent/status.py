@@ -190,11 +190,8 @@ def _clip_bytes(text: str, limit: int) -> str:
     return data[: limit - len(TRUNCATED)].decode(errors="ignore") + TRUNCATED
 
 
-def _rank(status: CertificateStatus) -> int:
-    # Failing certificates first: when the file must be cut, what needs attention stays in it.
-    return {Phase.ERROR: 0, Phase.WARNING: 1, Phase.TRANSITIONING: 2, Phase.SUCCESS: 3}[
-        status.phase
-    ]
+# Failing certificates first: when the file must be cut, what needs attention stays in it.
+_RANK: Final = {Phase.ERROR: 0, Phase.WARNING: 1, Phase.TRANSITIONING: 2, Phase.SUCCESS: 3}
 
 
 def _document(report: StatusReport, substatus: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -217,7 +214,7 @@ def _document(report: StatusReport, substatus: list[dict[str, Any]]) -> list[dic
     ]
 
 
-def _encode(document: list[dict[str, Any]]) -> bytes:
+def _encode(document: Any) -> bytes:
     return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
 
 
@@ -227,19 +224,18 @@ def status_document(report: StatusReport) -> bytes:
     When every substatus does not fit, the last ones are left out and the message says how many
     (ending in the VM agent's own " ... [TRUNCATED]" mark).
     """
-    entries = [c.to_json() for c in sorted(report.certificates, key=_rank)]
-    data = _encode(_document(report, entries))
-    if len(data) <= FILE_LIMIT:
-        return data
-    low, high = 0, len(entries)
-    while low < high:  # the most entries that fit, with the message saying what was cut
-        middle = (low + high + 1) // 2
-        trial = _document(_with_omitted(report, len(entries) - middle), entries[:middle])
-        if len(_encode(trial)) <= FILE_LIMIT:
-            low = middle
-        else:
-            high = middle - 1
-    return _encode(_document(_with_omitted(report, len(entries) - low), entries[:low]))
+    ordered = sorted(report.certificates, key=lambda c: _RANK[c.phase])
+    # Entries are encoded one by one until the room beside the longest "N more not listed"
+    # message is used up: thousands of certificates cost what fits in the file, not more.
+    room = FILE_LIMIT - len(_encode(_document(_with_omitted(report, len(ordered)), [])))
+    entries: list[dict[str, Any]] = []
+    for certificate in ordered:
+        entry = certificate.to_json()
+        room -= len(_encode(entry)) + (1 if entries else 0)
+        if room < 0:
+            return _encode(_document(_with_omitted(report, len(ordered) - len(entries)), entries))
+        entries.append(entry)
+    return _encode(_document(report, entries))
 
 
 def _with_omitted(report: StatusReport, omitted: int) -> StatusReport:
