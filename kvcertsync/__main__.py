@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from kvcertsync._entry import HeldSignals
 from kvcertsync._version import __version__
-from kvcertsync.agent.cli import add_commands
 from kvcertsync.errors import KvCertSyncError
 
 
@@ -17,7 +19,6 @@ def _emulator(args: argparse.Namespace) -> int:
     import asyncio
     import contextlib
     import shlex
-    import signal
 
     from kvcertsync.emulator import LocalKeyVault
 
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="log what happens (INFO), not only problems"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # The agent's commands bring the heavy imports (the Azure SDK, aiohttp, cryptography).
+    from kvcertsync.agent.cli import add_commands
+
     add_commands(commands)
     emulator = commands.add_parser(
         "emulator", help="run a local Key Vault (secrets API) and IMDS until Ctrl+C"
@@ -125,10 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the process exit status."""
+def main(argv: Sequence[str] | None = None, *, held: HeldSignals | None = None) -> int:
+    """Run the command line; returns the process exit status.
+
+    ``held``: the signals the console script began holding before anything was imported.
+    """
+    held = held or HeldSignals.start()
+    early = held.early
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit:
+        held.release()
+        raise
+    if args.command == "run":
+        args.early_signals = early  # the agent handles them once it can
+    else:
+        held.release()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="kvcertsync: %(levelname)s: %(message)s",
@@ -140,6 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = args.func(args)
     except KvCertSyncError as exc:
         print(f"kvcertsync: error: {exc}", file=sys.stderr)
+        # Wrong options or files: 2, as argparse does; anything else that failed: 1.
+        return 2 if getattr(exc, "usage", False) else 1
+    except BrokenPipeError:
+        # `kvcertsync status | head`: the reader left; no traceback at exit either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return 1
     return status
 

@@ -17,6 +17,9 @@ import anyio
 from kvcertsync.emulator import LocalKeyVault
 
 STATUS_NAMES = ("transitioning", "success", "warning", "error")
+# The console script, as operators run it (it holds signals from its first instant).
+_SCRIPT = Path(sys.executable).with_name("kvcertsync")
+KVCERTSYNC = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "kvcertsync"]
 
 
 def emulator_options(kv: LocalKeyVault) -> list[str]:
@@ -61,10 +64,12 @@ class AgentProcess:
         tmp: Path,
         env: dict[str, str] | None = None,
         stdin: bytes | None = None,
+        keep_stdin_open: bool = False,
+        umask: int = -1,
     ) -> None:
         self.log = tmp / "agent.log"
         self.status_dir = tmp / "status"
-        command = [sys.executable, "-m", "kvcertsync", "run", *args]
+        command = [*KVCERTSYNC, "run", *args]
         if "--handler-environment" not in args:  # a handler logs into its logFolder
             if "--log-file" not in args:
                 command += ["--log-file", str(self.log)]
@@ -74,10 +79,11 @@ class AgentProcess:
         self.process = subprocess.Popen(
             command,
             env={**os.environ, **(env or {})},
-            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin is not None or keep_stdin_open else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            umask=umask,
         )
         if stdin is not None:
             assert self.process.stdin is not None
@@ -147,6 +153,19 @@ class AgentProcess:
             raise AssertionError(
                 f"agent exited with {code}\nstderr:\n{err.decode()}\nlog:\n{self.log_text()}"
             )
+
+    async def wait_catching(self, signum: int) -> None:
+        """Wait until the process catches ``signum`` (its handler is installed)."""
+        status = Path(f"/proc/{self.process.pid}/status")
+        with anyio.fail_after(30):
+            while True:
+                self.assert_running()
+                caught = next(
+                    line for line in status.read_text().splitlines() if line.startswith("SigCgt")
+                )
+                if int(caught.split()[1], 16) & (1 << (signum - 1)):
+                    return
+                await anyio.sleep(0.001)
 
     def send(self, signum: int) -> None:
         """Send ``signum`` to the agent."""

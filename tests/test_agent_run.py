@@ -21,6 +21,7 @@ from kvcertsync.agent.daemon import Agent, AgentOptions
 from kvcertsync.emulator import LocalKeyVault
 from kvcertsync.material import CertificateMaterial
 from tests.agent_process import (
+    KVCERTSYNC,
     AgentProcess,
     emulator_options,
     settings_document,
@@ -439,21 +440,29 @@ async def test_systemd_ready_only_after_the_certificates_exist(
 ) -> None:
     listener = NotifySocket(tmp_path / "notify")
     certs = tmp_path / "certs"
-    settings = write_settings(tmp_path / "s.json", settings_document(kv, ["web", "api"], certs))
-    kv.latency(1.0)
+    document = settings_document(kv, ["web", "api"], certs)
+    kv.import_certificate("slow", "late", kv.authority.issue(["late.example"]))
+    document["secretsManagementSettings"]["observedCertificates"].append(
+        {"url": "https://slow.vault.azure.net/secrets/late", "certificateStoreLocation": str(certs)}
+    )
+    settings = write_settings(tmp_path / "s.json", document)
+    kv.latency(0.5)
+    kv.latency(2.5, vault="slow")  # READY must wait for the slowest, not the first
     env = {"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "900000"}
     try:
         agent = start(agents, kv, tmp_path, str(settings), env=env)
         await listener.wait_for("STATUS")
         assert not any("READY" in m for m in listener.messages)
         index = await listener.wait_for("READY", "1")
-        # At the instant READY arrives, both certificates are in place for nginx.
-        assert (certs / "demo.web").exists() and (certs / "demo.api").exists()
+        # At the instant READY arrives, every certificate is in place for nginx.
+        for name in ("demo.web", "demo.api", "slow.late"):
+            assert (certs / name).exists(), name
         before = listener.messages[:index]
-        assert any(m.get("STATUS", "").startswith("initial sync: 0 of 2") for m in before)
+        assert any(m.get("STATUS", "").startswith("initial sync: 0 of 3") for m in before)
+        assert any(m.get("STATUS", "").startswith("initial sync: 2 of 3") for m in before)
         await listener.wait_for("WATCHDOG", "1")
 
-        kv.latency(0)
+        kv.reset_faults()
         agent.send(signal.SIGHUP)
         reloading = await listener.wait_for("RELOADING", "1")
         assert int(listener.messages[reloading]["MONOTONIC_USEC"]) > 0
@@ -476,7 +485,7 @@ async def test_status_command_reads_what_run_wrote(
     agent = start(agents, kv, tmp_path, str(settings))
     await agent.wait_phase("success")
     status = await anyio.run_process(
-        [*agent.command[:3], "status", "--status-dir", str(agent.status_dir)], check=False
+        [*KVCERTSYNC, "status", "--status-dir", str(agent.status_dir)], check=False
     )
     assert status.returncode == 0, status.stderr
     out = status.stdout.decode()
@@ -487,7 +496,7 @@ async def test_status_command_reads_what_run_wrote(
     kv.disable("demo", "api")
     await agent.wait_phase("warning")
     failing = await anyio.run_process(
-        [*agent.command[:3], "status", "--status-dir", str(agent.status_dir), "--json"],
+        [*KVCERTSYNC, "status", "--status-dir", str(agent.status_dir), "--json"],
         check=False,
     )
     assert failing.returncode == 1
@@ -642,3 +651,178 @@ async def test_a_handler_finds_its_environment_beside_the_executable(
             process.kill()
         await process.aclose()
     assert "kvcertsync agent: 1 certificate," in (handler / "logs" / "kvcertsync.log").read_text()
+
+
+# --------------------------------------------------------------------------- awkward moments
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.15, 0.4])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_stop_at_any_moment_of_start_up_is_clean(
+    kv: LocalKeyVault,
+    tmp_path: Path,
+    agents: list[AgentProcess],
+    delay: float,
+    signum: int,
+) -> None:
+    settings = write_settings(tmp_path / "s.json", settings_document(kv, ["web"], tmp_path / "c"))
+    agent = start(agents, kv, tmp_path, str(settings))
+    # From the instant it can catch signals: mid-import, mid-settings, mid-sync, wherever.
+    # (SIGTERM: Python itself catches SIGINT from before it has imported anything.)
+    await agent.wait_catching(signal.SIGTERM)
+    await anyio.sleep(delay)
+    agent.send(signum)
+    code, stderr = await agent.wait_exit(10)
+    assert code == 0, stderr
+    assert "Traceback" not in stderr + agent.log_text()
+
+
+async def test_an_early_sighup_does_not_kill(
+    kv: LocalKeyVault, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    settings = write_settings(tmp_path / "s.json", settings_document(kv, ["web"], tmp_path / "c"))
+    agent = start(agents, kv, tmp_path, str(settings))
+    await agent.wait_catching(signal.SIGHUP)
+    agent.send(signal.SIGHUP)
+    await agent.wait_phase("success")
+    agent.send(signal.SIGTERM)
+    assert (await agent.wait_exit(5))[0] == 0
+
+
+async def test_a_stop_while_stdin_never_ends_is_clean(
+    kv: LocalKeyVault, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    agent = AgentProcess(["-", *emulator_options(kv)], tmp=tmp_path, keep_stdin_open=True)
+    agents.append(agent)
+    await agent.wait_catching(signal.SIGTERM)
+    await anyio.sleep(0.5)  # reading stdin, which never ends
+    agent.send(signal.SIGTERM)
+    code, stderr = await agent.wait_exit(5)
+    assert code == 0, stderr
+    assert "stopped before the settings were read" in agent.log_text()
+
+
+async def test_a_stop_during_a_reload_stuck_on_a_fifo_is_clean(
+    kv: LocalKeyVault, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    settings = write_settings(tmp_path / "s.json", settings_document(kv, ["web"], tmp_path / "c"))
+    agent = start(agents, kv, tmp_path, str(settings))
+    await agent.wait_phase("success")
+    settings.unlink()
+    os.mkfifo(settings)  # a reload would wait forever for a writer
+    agent.send(signal.SIGHUP)
+    await agent.wait_log("re-reading the settings")
+    agent.send(signal.SIGTERM)
+    code, stderr = await agent.wait_exit(5)
+    assert code == 0, stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--initial-attempts", "0"], "--initial-attempts must be at least 1"),
+        (["--redirect", "bogus"], "expected PATTERN=HOST:PORT"),
+        (["--ca-file", "/nonexistent/ca.pem"], "--ca-file /nonexistent/ca.pem: no such file"),
+        (["--log-file", "/nonexistent/dir/k.log"], "cannot log to /nonexistent/dir/k.log"),
+        (["--store", "pem"], "pem needs a directory"),
+    ],
+)
+async def test_wrong_options_exit_2_with_a_clear_error(
+    kv: LocalKeyVault, tmp_path: Path, args: list[str], message: str
+) -> None:
+    settings = write_settings(tmp_path / "s.json", settings_document(kv, ["web"], tmp_path / "c"))
+    result = await anyio.run_process(
+        [*KVCERTSYNC, "run", str(settings), "--once", *args], check=False
+    )
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr
+    assert message in stderr and "Traceback" not in stderr
+
+
+async def test_a_ca_file_that_is_not_pem_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("not a certificate")
+    (tmp_path / "s.json").write_text('{"secretsManagementSettings": {"observedCertificates": []}}')
+    result = await anyio.run_process(
+        [*KVCERTSYNC, "run", str(tmp_path / "s.json"), "--ca-file", str(tmp_path / "ca.pem")],
+        check=False,
+    )
+    assert result.returncode == 2
+    assert b"not PEM CA certificates" in result.stderr and b"Traceback" not in result.stderr
+
+
+async def test_the_status_file_is_readable_whatever_the_umask(
+    kv: LocalKeyVault, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    settings = write_settings(tmp_path / "s.json", settings_document(kv, ["web"], tmp_path / "c"))
+    agent = start(agents, kv, tmp_path, str(settings), umask=0o077)  # systemd's UMask=0077
+    await agent.wait_phase("success")
+    assert stat.S_IMODE(agent.status_file.stat().st_mode) == 0o644
+    assert stat.S_IMODE(agent.status_dir.stat().st_mode) == 0o755
+    # The keys stay private under any umask.
+    key_file = (tmp_path / "c" / "demo.web").resolve()
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+
+def handler_with_settings(kv: LocalKeyVault, tmp: Path, names: list[str]) -> Path:
+    handler = tmp / "handler"
+    env_file = write_handler_environment(handler)
+    document = settings_document(kv, names, tmp / "certs", interval=1)
+    envelope = {"runtimeSettings": [{"handlerSettings": {"publicSettings": document}}]}
+    (handler / "config" / "0.settings").write_text(json.dumps(envelope))
+    return env_file
+
+
+async def test_a_refused_handler_reload_says_error_for_that_sequence(
+    kv: LocalKeyVault, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    env_file = handler_with_settings(kv, tmp_path, ["web"])
+    handler = env_file.parent
+    # The VM agent started it for sequence 0; a reload still finds the newer ones.
+    env = {"ConfigSequenceNumber": "0"}
+    agent = start(agents, kv, tmp_path, "--handler-environment", str(env_file), env=env)
+    agent.log = handler / "logs" / "kvcertsync.log"
+    await agent.wait_phase("success", path=handler / "status" / "0.status")
+    (handler / "config" / "1.settings").write_text("{broken")
+    agent.send(signal.SIGHUP)
+    status = await agent.wait_phase("error", path=handler / "status" / "1.status")
+    message = status["status"]["formattedMessage"]["message"]
+    assert message.startswith("settings 1 refused") and "invalid JSON" in message
+    assert "running with the last good ones" in message
+    assert substatus(status)[WEB]["status"] == "success"  # still kept current
+    # A good sequence 2 heals it, and is read although ConfigSequenceNumber never changes.
+    envelope = {
+        "runtimeSettings": [
+            {
+                "handlerSettings": {
+                    "publicSettings": settings_document(
+                        kv, ["web", "api"], tmp_path / "certs", interval=1
+                    )
+                }
+            }
+        ]
+    }
+    (handler / "config" / "2.settings").write_text(json.dumps(envelope))
+    agent.send(signal.SIGHUP)
+    healed = await agent.wait_phase("success", path=handler / "status" / "2.status")
+    assert set(substatus(healed)) == {WEB, API}
+
+
+async def test_a_handler_that_cannot_start_says_why_in_its_status_file(
+    kv: LocalKeyVault, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    env_file = handler_with_settings(kv, tmp_path, ["web"])
+    handler = env_file.parent
+    (handler / "config" / "0.settings").write_text('{"runtimeSettings": [{"handlerSettings": {}}]}')
+    agent = start(
+        agents,
+        kv,
+        tmp_path,
+        "--handler-environment",
+        str(env_file),
+        env={"ConfigSequenceNumber": "0"},
+    )
+    code, stderr = await agent.wait_exit(30)
+    assert code == 2
+    assert "publicSettings" in stderr  # on stderr too, although it logs to its logFolder
+    status = json.loads((handler / "status" / "0.status").read_text())[0]["status"]
+    assert status["status"] == "error" and "publicSettings" in status["formattedMessage"]["message"]

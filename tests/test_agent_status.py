@@ -157,6 +157,36 @@ def test_documents_pass_walinuxagent(waagent: Waagent, tmp_path: Path) -> None:
     assert not seen.get("error") and seen["heartbeat"]["status"] == "ready"
 
 
+def test_a_cut_file_keeps_what_expires_soonest() -> None:
+    states = [state(f"cert-{i:05}") for i in range(3000)]
+    soon = CertificateState(
+        observed=ObservedCertificate.of("https://demo.vault.azure.net/secrets/soon"),
+        installed=InstalledCertificate(
+            ObservedCertificate.of("https://demo.vault.azure.net/secrets/soon").uri,
+            "c" * 32,
+            "D" * 40,
+            datetime.now(UTC),
+            "/var/lib/certs/demo.soon",
+        ),
+        current=True,
+        failures=0,
+        error=None,
+        gave_up=False,
+        last_success=datetime.now(UTC),
+    )
+    report = report_of(*states, soon)
+    cut = json.loads(status_document(report))[0]["status"]["substatus"]
+    assert len(cut) < 3001 and cut[0]["name"].endswith("/soon")
+    whole = json.loads(status_document(report, limit=None))[0]["status"]["substatus"]
+    assert len(whole) == 3001  # the plain file for `kvcertsync status` is never cut
+
+
+def test_heartbeat_is_ready_with_code_0_while_only_warning() -> None:
+    warning = report_of(state("a"), state("b", error="TransientSourceError: 503"))
+    heartbeat = json.loads(heartbeat_document(warning))[0]["heartbeat"]
+    assert (heartbeat["status"], heartbeat["code"]) == ("ready", 0)
+
+
 def test_heartbeat_says_notready_on_error() -> None:
     failing = report_of(state("a", installed=False, error="AccessDenied: x", gave_up=True))
     heartbeat = json.loads(heartbeat_document(failing))[0]["heartbeat"]

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -249,3 +250,21 @@ def test_the_containers_commands_run_as_written(tmp_path: Path) -> None:
     healthy = kvcertsync(*health[1:])
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     assert "one pass done; 1 certificate installed and current" in healthy.stdout
+
+
+def test_output_into_a_closed_pipe_is_no_traceback() -> None:
+    script = Path(sys.executable).with_name("kvcertsync")
+    command = f"{script} check {EXAMPLES / 'settings-linux.json'} | head -1"
+    result = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60)
+    assert result.stdout.endswith("valid\n") and "Traceback" not in result.stderr
+
+
+def test_status_from_the_future_is_suspect(tmp_path: Path) -> None:
+    from kvcertsync.agent.status import Phase, StatusReport, status_document, write_json_atomic
+
+    later = datetime.now(UTC) + timedelta(days=30)
+    report = StatusReport("kvcertsync", Phase.SUCCESS, "ok", (), timestamp=later)
+    write_json_atomic(tmp_path / "status.json", status_document(report))
+    result = kvcertsync("status", "--status-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "in the future" in result.stdout and "stale" in result.stdout

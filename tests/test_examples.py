@@ -21,7 +21,12 @@ def test_embed_example_reacts_to_a_renewal() -> None:
 
 
 def test_example_settings_pass_the_check_command() -> None:
-    for name in ("settings.json", "settings-linux.json"):
+    for name in (
+        "settings.json",
+        "settings-linux.json",
+        "systemd/settings.json",
+        "container/settings.json",
+    ):
         result = subprocess.run(
             [sys.executable, "-m", "kvcertsync", "check", str(EXAMPLES / name)],
             capture_output=True,

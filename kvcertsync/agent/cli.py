@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import ssl
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -30,8 +31,8 @@ from kvcertsync.agent.status import (
     default_state_dir,
     read_status,
 )
-from kvcertsync.errors import KvCertSyncError
-from kvcertsync.settings import load_settings
+from kvcertsync.errors import KvCertSyncError, SettingsError
+from kvcertsync.settings import load_settings, parse_settings
 from kvcertsync.sources.redirect import parse_target
 from kvcertsync.stores.base import Store
 from kvcertsync.stores.windows import WindowsCertStore
@@ -45,6 +46,12 @@ CA_FILE_ENV = "KVCERTSYNC_CA_FILE"
 REDIRECT_ENV = "KVCERTSYNC_REDIRECT"
 # How old a status file may be before `status` says the agent looks dead (it rewrites each minute).
 _STALE = timedelta(minutes=5)
+
+
+class UsageError(KvCertSyncError):
+    """The command line or the files it names are wrong (exit status 2)."""
+
+    usage = True
 
 
 def parse_redirects(values: Sequence[str]) -> dict[str, str]:
@@ -152,6 +159,9 @@ def agent_options(
     if args.initial_attempts is not None and args.initial_attempts < 1:
         raise KvCertSyncError("--initial-attempts must be at least 1")
     handler = HandlerEnvironment.load(handler_path) if handler_path is not None else None
+    ca_file = args.ca_file or env.get(CA_FILE_ENV) or None
+    if ca_file is not None:
+        _check_ca_file(ca_file)
     redirects = list(args.redirect)
     if not redirects and env.get(REDIRECT_ENV):
         redirects = [env[REDIRECT_ENV]]
@@ -161,12 +171,24 @@ def agent_options(
         status_dir=Path(args.status_dir).absolute() if args.status_dir else None,
         once=args.once,
         initial_attempts=args.initial_attempts,
-        ca_file=args.ca_file or env.get(CA_FILE_ENV) or None,
+        ca_file=ca_file,
         redirect=parse_redirects(redirects),
         handler=handler,
         stop_timeout=args.stop_timeout,
         progress=args.progress,
     )
+
+
+def _check_ca_file(path: str) -> None:
+    """A CA file that cannot be used is an error now, not a traceback at the first poll."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except FileNotFoundError:
+        raise KvCertSyncError(f"--ca-file {path}: no such file") from None
+    except ssl.SSLError as exc:  # before OSError: it is one
+        raise KvCertSyncError(f"--ca-file {path}: not PEM CA certificates ({exc.reason})") from None
+    except OSError as exc:
+        raise KvCertSyncError(f"--ca-file {path}: cannot read: {exc.strerror or exc}") from None
 
 
 def _notifier() -> Notifier | None:
@@ -179,18 +201,34 @@ def run_command(args: argparse.Namespace) -> int:
     """``kvcertsync run``."""
     import anyio
 
-    options = agent_options(args)
-    log_file = args.log_file
-    if log_file is None and options.handler is not None:
-        options.handler.log_folder.mkdir(parents=True, exist_ok=True)
-        log_file = str(options.handler.log_folder / "kvcertsync.log")
-    configure_logging(level=args.log_level, fmt=args.log_format, file=log_file)
-    agent = Agent(options, notifier=_notifier())
     try:
-        return anyio.run(agent.run)
+        options = agent_options(args)
+        log_file = args.log_file
+        if log_file is None and options.handler is not None:
+            options.handler.log_folder.mkdir(parents=True, exist_ok=True)
+            log_file = str(options.handler.log_folder / "kvcertsync.log")
+        try:
+            configure_logging(level=args.log_level, fmt=args.log_format, file=log_file)
+        except OSError as exc:
+            raise KvCertSyncError(f"cannot log to {log_file}: {exc.strerror or exc}") from None
+    except OSError as exc:
+        raise UsageError(f"{exc.filename}: {exc.strerror or exc}") from None
+    except KvCertSyncError as exc:
+        raise UsageError(str(exc)) from None
+    agent = Agent(options, notifier=_notifier(), early_signals=getattr(args, "early_signals", []))
+    try:
+        status = anyio.run(agent.run)
     except KeyboardInterrupt:
         # Only where no signal handler could be installed (Windows consoles).
-        return 130
+        status = 130
+    if agent.error is not None and log_file is not None:
+        print(f"kvcertsync: error: {agent.error} (log: {log_file})", file=sys.stderr)
+    # A settings read abandoned on stdin or a FIFO still holds a worker thread, which the
+    # interpreter would wait for at exit: the run is over, leave.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _status_path(args: argparse.Namespace) -> Path:
@@ -200,7 +238,7 @@ def _status_path(args: argparse.Namespace) -> Path:
 
 
 def _ago(delta: timedelta) -> str:
-    seconds = int(delta.total_seconds())
+    seconds = abs(int(delta.total_seconds()))
     if abs(seconds) >= 86400:
         return f"{seconds // 86400}d"
     if abs(seconds) >= 3600:
@@ -248,7 +286,8 @@ def status_command(args: argparse.Namespace) -> int:
     warn = timedelta(days=args.warn_days)
     rows, bad = _rows(report, now, warn)
     age = now - report.timestamp
-    stale = age > _STALE
+    # From the future by more than clock skew is as suspect as old: say so, fail.
+    stale = abs(age) > _STALE
     if args.json:
         print(
             json.dumps(
@@ -266,7 +305,8 @@ def status_command(args: argparse.Namespace) -> int:
     else:
         print(f"{report.phase.value}: {report.message}")
         note = "  (stale: is the agent running?)" if stale else ""
-        print(f"written {_ago(age)} ago to {path}{note}")
+        when = f"{_ago(age)} ago" if age >= timedelta(0) else f"{_ago(age)} in the future"
+        print(f"written {when} to {path}{note}")
         if rows:
             header = ["CERTIFICATE", "STATE", "VERSION", "THUMBPRINT", "EXPIRES IN"]
             print()
@@ -296,7 +336,13 @@ def _table(rows: list[list[str]]) -> None:
 
 def check_command(args: argparse.Namespace) -> int:
     """``kvcertsync check``: valid or not, where each certificate goes, what would fail here."""
-    settings = load_settings(args.settings)
+    if args.settings == "-":
+        try:
+            settings = parse_settings(sys.stdin.read())
+        except SettingsError as exc:
+            raise SettingsError(f"{exc} (in <stdin>)") from None
+    else:
+        settings = load_settings(args.settings)
     store: Store
     if args.store == "windows" and sys.platform != "win32":
         # A pre-flight for a Windows VM from any machine: describe, never touch, the store.
@@ -385,7 +431,7 @@ def add_commands(commands: Any) -> None:
     check = commands.add_parser(
         "check", help="validate a Key Vault VM extension settings file and show what it does here"
     )
-    check.add_argument("settings", help="path to the extension settings JSON")
+    check.add_argument("settings", help="path to the extension settings JSON (- reads stdin)")
     check.add_argument("--store", metavar="SPEC", help=f"as for run: {STORE_FORMS}")
     check.set_defaults(func=check_command)
 

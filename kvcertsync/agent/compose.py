@@ -25,6 +25,7 @@ from kvcertsync.stores.windows import WindowsCertStore
 
 __all__ = [
     "STORE_FORMS",
+    "describe_store",
     "reconfigure",
     "source_from_settings",
     "store_from_settings",
@@ -78,6 +79,20 @@ def store_from_spec(spec: str | None, settings: AgentSettings) -> Store:
     if kind == "memory":
         return MemoryStore()
     raise ValueError(f"--store {spec!r} is not a store; use {STORE_FORMS}")
+
+
+def describe_store(store: Store) -> str:
+    """One line saying where a store puts certificates, for a person."""
+    if isinstance(store, PemDirectoryStore):
+        return (
+            f"PEM files ({store.layout} layout) in each certificate's certificateStoreLocation, "
+            f"else {store.directory}"
+        )
+    if isinstance(store, WindowsCertStore):
+        return "the Windows certificate store"
+    if isinstance(store, MemoryStore):
+        return "memory (nothing is written)"
+    return repr(store)
 
 
 def sync_from_settings(

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Mapping
@@ -24,12 +26,19 @@ import anyio
 import anyio.abc
 import attrs
 
-from kvcertsync.agent.compose import reconfigure, store_from_spec, sync_from_settings
+from kvcertsync.agent.compose import (
+    describe_store,
+    reconfigure,
+    store_from_spec,
+    sync_from_settings,
+)
 from kvcertsync.agent.handler import HandlerEnvironment
 from kvcertsync.agent.notify import Notifier, NullNotifier
 from kvcertsync.agent.status import (
+    FILE_LIMIT,
     STATUS_FILE_NAME,
     CertificateStatus,
+    Phase,
     StatusReport,
     certificates,
     default_state_dir,
@@ -52,7 +61,7 @@ DEFAULT_INITIAL_ATTEMPTS: Final = 25
 #: ``--once`` gives each certificate this many attempts: transient faults pass, cron never hangs.
 ONCE_INITIAL_ATTEMPTS: Final = 3
 # How often the status file is rewritten while nothing changes (the VM agent wants <= 2 min).
-_STATUS_EVERY: Final = 60.0
+_STATUS_EVERY: Final = 30.0
 # How often the heartbeat file is refreshed (the VM agent wants <= 1 min).
 _HEARTBEAT_EVERY: Final = 30.0
 # Changes are written at most this often: an initial sync of thousands is one write a second.
@@ -85,7 +94,13 @@ class AgentOptions:
 class Agent:
     """One run of the agent: settings in, certificates kept current, status out."""
 
-    def __init__(self, options: AgentOptions, *, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self,
+        options: AgentOptions,
+        *,
+        notifier: Notifier | None = None,
+        early_signals: list[int] | None = None,
+    ) -> None:
         if options.settings is None and options.handler is None:
             raise ValueError("give a settings file or a handler environment")
         self.options = options
@@ -93,7 +108,14 @@ class Agent:
         self.settings: AgentSettings | None = None
         self.sync: CertSync | None = None
         self.exit_status: int | None = None
+        #: Why the agent could not start (settings, store, options), for the caller to show.
+        self.error: str | None = None
+        #: Signals caught before the agent could handle them (the CLI defers them from the
+        #: first instant): handled as soon as it can.
+        self.early_signals = early_signals if early_signals is not None else []
         self._sequence: int | None = None
+        # A handler's settings sequence that was refused: the status says so, for that N.
+        self._settings_error: str | None = None
         self._stdin_text: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -139,28 +161,53 @@ class Agent:
         logger.warning(
             "stop took longer than %g s: abandoning in-flight work", self.options.stop_timeout
         )
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        os._exit(self.exit_status if self.exit_status is not None else 0)
+        _flush_logs()
+        # An unfinished --once pass did not make every certificate current: never report 0.
+        status = self.exit_status if self.exit_status is not None else int(self.options.once)
+        os._exit(status)
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if signum == getattr(signal, "SIGHUP", None):
+            if self.options.once or self.sync is None:
+                logger.info("%s ignored: %s", name, "one pass" if self.sync else "starting")
+            else:
+                logger.info("%s: re-reading the settings", name)
+                self.request_reload()
+        elif self._stop.is_set():
+            logger.warning("second %s: exiting now", name)
+            _flush_logs()
+            os._exit(128 + signum)
+        else:
+            logger.info("%s received", name)
+            self.request_stop()
 
     # ------------------------------------------------------------------ settings
 
-    def _read_settings(self) -> AgentSettings:
+    def _read_settings(self, *, reload: bool = False) -> tuple[AgentSettings, int | None]:
+        """The settings (and, in handler mode, their sequence number); SettingsError if bad."""
         options = self.options
         if options.handler is not None:
-            self._sequence = options.handler.sequence_number()
-            path = options.handler.settings_file(self._sequence)
-            settings = load_settings(path)
-            if b"protectedSettings" in path.read_bytes():
-                logger.info("%s: protectedSettings ignored (the extension defines none)", path)
-            return settings
+            # The VM agent's ConfigSequenceNumber names the sequence it started us for; a
+            # reload looks for a newer one.
+            sequence = options.handler.sequence_number({} if reload else None)
+            path = options.handler.settings_file(sequence)
+            try:
+                settings = load_settings(path)
+            except SettingsError as exc:
+                exc.sequence = sequence  # type: ignore[attr-defined]
+                raise
+            with contextlib.suppress(OSError):
+                if b"protectedSettings" in path.read_bytes():
+                    logger.info("%s: protectedSettings ignored (the extension defines none)", path)
+            return settings, sequence
         if options.settings == "-":
             if self._stdin_text is None:
                 self._stdin_text = sys.stdin.read()
-                return parse_settings(self._stdin_text)
+                return parse_settings(self._stdin_text), None
             raise SettingsError("the settings came from stdin: there is nothing to re-read")
         assert options.settings is not None
-        return load_settings(options.settings)
+        return load_settings(options.settings), None
 
     def _build(self, settings: AgentSettings) -> CertSync:
         options = self.options
@@ -184,7 +231,12 @@ class Agent:
     # ------------------------------------------------------------------ the run
 
     async def run(self) -> int:
-        """Run until stopped (or one pass with ``once``); returns the process exit status."""
+        """Run until stopped (or one pass with ``once``); returns the process exit status.
+
+        Signals are handled from the first instant to the last: a second SIGTERM while a
+        stop hangs still exits at once, and a stop that overruns ``stop_timeout`` is
+        abandoned (the grace timer stays armed if this returns by an exception).
+        """
         self._loop_thread = threading.get_ident()
         # The agent runs on asyncio (aiohttp): its loop takes hand-offs from other threads.
         self._loop = asyncio.get_running_loop()
@@ -193,32 +245,64 @@ class Agent:
         self._dirty = anyio.Event()
         if self._stop.is_set():
             self._stop_event.set()
+        async with anyio.create_task_group() as tg:
+            await tg.start(self._signals)
+            status = await self._main()
+            tg.cancel_scope.cancel()
+        self.exit_status = status
+        if self._grace is not None:
+            self._grace.cancel()
+        return status
+
+    async def _main(self) -> int:
+        loaded: list[tuple[AgentSettings, int | None]] = []
+
+        async def read() -> None:
+            # Abandoned on a stop: a read stuck on stdin or a FIFO must not hold the agent.
+            loaded.append(
+                await anyio.to_thread.run_sync(self._read_settings, abandon_on_cancel=True)
+            )
+
         try:
-            settings = await anyio.to_thread.run_sync(self._read_settings)
+            if not await self._until_stopped(read):
+                logger.info("stopped before the settings were read")
+                return int(self.options.once)
+            settings, self._sequence = loaded[0]
             sync = self._build(settings)
-        except KvCertSyncError as exc:
-            logger.error("%s", exc)
-            self.exit_status = 2
-            return 2
+        except (KvCertSyncError, OSError, ssl.SSLError) as exc:
+            return await self._failed_start(exc)
         self.settings, self.sync = settings, sync
         self._announce(settings)
         sync.subscribe(self._changed)
-        try:
-            status = await self._serve(sync)
-        finally:
-            if self._grace is not None:
-                self._grace.cancel()
-        self.exit_status = status
-        return status
+        return await self._serve(sync)
+
+    async def _failed_start(self, exc: BaseException) -> int:
+        """Say why the agent cannot start; a handler's status file says it too (for the VM)."""
+        self.error = (
+            str(exc) if isinstance(exc, KvCertSyncError) else f"{type(exc).__name__}: {exc}"
+        )
+        logger.error("%s", self.error)
+        handler = self.options.handler
+        sequence = getattr(exc, "sequence", None)
+        if handler is not None and sequence is not None:
+            report = StatusReport(
+                name=handler.name, phase=Phase.ERROR, message=self.error, certificates=()
+            )
+            with contextlib.suppress(OSError):
+                await anyio.to_thread.run_sync(
+                    _write_in, handler.status_file(sequence), status_document(report)
+                )
+        self.exit_status = 2
+        return 2
 
     def _announce(self, settings: AgentSettings) -> None:
         assert self.sync is not None
         logger.info(
-            "kvcertsync agent: %s, polling every %g s, requireInitialSync %s, store %r",
+            "kvcertsync agent: %s, polling every %g s, requireInitialSync %s; store: %s",
             certificates(len(settings.observed)),
             settings.polling_interval,
             str(settings.require_initial_sync).lower(),
-            self.sync.store,
+            describe_store(self.sync.store),
         )
         for warning in settings.warnings:
             logger.warning("settings: %s", warning)
@@ -236,10 +320,10 @@ class Agent:
     async def _serve(self, sync: CertSync) -> int:
         status = 0
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._signals)
             tg.start_soon(self._keep_alive)
             if not self.options.once:
                 tg.start_soon(self._status_loop)
+                tg.start_soon(self._heartbeat_loop)
                 tg.start_soon(self._reload_loop)
             try:
                 async with sync:
@@ -258,16 +342,24 @@ class Agent:
         return status
 
     async def _until_stopped(self, work: Callable[[], Awaitable[Any]]) -> bool:
-        """Run ``work`` unless a stop comes first; True when it finished."""
+        """Run ``work`` unless a stop comes first; True when it finished.
+
+        What ``work`` raises comes out as itself, not wrapped in an ExceptionGroup.
+        """
         finished = False
+        failure: list[Exception] = []
         assert self._stop_event is not None
         stop = self._stop_event
         async with anyio.create_task_group() as tg:
 
             async def body() -> None:
                 nonlocal finished
-                await work()
-                finished = True
+                try:
+                    await work()
+                except Exception as exc:
+                    failure.append(exc)
+                else:
+                    finished = True
                 tg.cancel_scope.cancel()
 
             async def stopper() -> None:
@@ -276,6 +368,8 @@ class Agent:
 
             tg.start_soon(body)
             tg.start_soon(stopper)
+        if failure:
+            raise failure[0]
         return finished
 
     async def _initial(self, sync: CertSync) -> None:
@@ -332,29 +426,26 @@ class Agent:
 
     # ------------------------------------------------------------------ background tasks
 
-    async def _signals(self) -> None:
+    async def _signals(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         if threading.current_thread() is not threading.main_thread():
             # Signals reach the main thread only: hosted in another (a Windows service's
             # thread), the host stops the agent through request_stop().
+            task_status.started()
             await anyio.sleep_forever()
         if sys.platform == "win32":
             # No signal handlers on Windows' loop: Ctrl+C arrives through signal.signal.
             signal.signal(signal.SIGINT, lambda *_: self.request_stop())
+            task_status.started()
             await anyio.sleep_forever()
         wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         with anyio.open_signal_receiver(*wanted) as signals:
+            # Installed: whatever arrived before is handled now, and nothing more can be lost.
+            early, self.early_signals[:] = list(self.early_signals), []
+            for signum in early:
+                self._on_signal(signum)
+            task_status.started()
             async for signum in signals:
-                if signum == signal.SIGHUP:
-                    logger.info("SIGHUP: re-reading the settings")
-                    self.request_reload()
-                elif self._stop.is_set():
-                    logger.warning("second %s: exiting now", signal.Signals(signum).name)
-                    for handler in logging.getLogger().handlers:
-                        handler.flush()
-                    os._exit(128 + signum)
-                else:
-                    logger.info("%s received", signal.Signals(signum).name)
-                    self.request_stop()
+                self._on_signal(signum)
 
     async def _keep_alive(self) -> None:
         interval = 10.0
@@ -366,19 +457,18 @@ class Agent:
             await anyio.sleep(interval)
 
     async def _status_loop(self) -> None:
-        assert self._dirty is not None
-        await self._write_heartbeat()
-        last_heartbeat = anyio.current_time()
         while True:
-            with anyio.move_on_after(min(_STATUS_EVERY, _HEARTBEAT_EVERY)):
+            assert self._dirty is not None
+            with anyio.move_on_after(_STATUS_EVERY):
                 await self._dirty.wait()
                 await anyio.sleep(_STATUS_SETTLE)
             self._dirty = anyio.Event()
             await self._write_status()
-            now = anyio.current_time()
-            if now - last_heartbeat >= _HEARTBEAT_EVERY:
-                last_heartbeat = now
-                await self._write_heartbeat()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await self._write_heartbeat()
+            await anyio.sleep(_HEARTBEAT_EVERY)
 
     async def _reload_loop(self) -> None:
         while True:
@@ -393,13 +483,26 @@ class Agent:
         if self._ready_sent:
             self.notifier.reloading()
         try:
-            settings = await anyio.to_thread.run_sync(self._read_settings)
+            settings, sequence = await anyio.to_thread.run_sync(
+                functools.partial(self._read_settings, reload=True), abandon_on_cancel=True
+            )
             before = {o.uri: o for o in sync.observed}
             reconfigure(sync, settings)
-        except (KvCertSyncError, ValueError) as exc:
+        except (KvCertSyncError, ValueError, OSError) as exc:
             logger.error("reload refused, the running settings stay: %s", exc)
+            refused = getattr(exc, "sequence", None)
+            if refused is not None and refused != self._sequence:
+                # The VM agent waits on <N>.status of the sequence it handed over: say there
+                # that it was refused, rather than report the old settings as its success.
+                self._sequence = refused
+                self._settings_error = (
+                    f"settings {refused} refused ({exc}); running with the last good ones"
+                )
         else:
             self.settings = settings
+            self._settings_error = None
+            if sequence is not None:
+                self._sequence = sequence
             after = {o.uri: o for o in sync.observed}
             added = [str(u) for u in after if u not in before]
             removed = [str(u) for u in before if u not in after]
@@ -458,6 +561,8 @@ class Agent:
             initial_done=sync.initial_sync_done == len(states),
         )
         name = self.options.handler.name if self.options.handler is not None else "kvcertsync"
+        if self._settings_error is not None:
+            phase, message = Phase.ERROR, f"{self._settings_error}; {message}"
         return StatusReport(
             name=name,
             phase=phase,
@@ -488,7 +593,8 @@ class Agent:
         if not final:
             self.notifier.status(report.message)
         path = self.status_path()
-        data = status_document(report)
+        # The VM agent reads at most 128 KiB; the plain file is for `kvcertsync status`: whole.
+        data = status_document(report, limit=FILE_LIMIT if self.options.handler else None)
         try:
             await anyio.to_thread.run_sync(_write_in, path, data)
         except OSError as exc:
@@ -508,5 +614,13 @@ class Agent:
 
 
 def _write_in(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    if not path.parent.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Whatever the umask: an operator's `kvcertsync status` reads it (it holds no secret).
+        os.chmod(path.parent, 0o755)  # noqa: S103 - a status directory, no secret in it
     write_json_atomic(path, data)
+
+
+def _flush_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()

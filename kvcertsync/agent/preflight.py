@@ -31,8 +31,9 @@ def _acls(settings: AgentSettings, cert: ObservedCertificate, store: Store) -> s
         " and ".join(p for p in (a.user and f"user {a.user}", a.group and f"group {a.group}") if p)
         for a in cert.acls
     )
-    applied = isinstance(store, PemDirectoryStore) and store.apply_acls
-    return f"{names} ({'applied' if applied else 'not applied: aclEnabled is false'})"
+    if not isinstance(store, PemDirectoryStore):
+        return f"{names} (Linux only: this store ignores them)"
+    return f"{names} ({'applied' if store.apply_acls else 'not applied: aclEnabled is false'})"
 
 
 def _where(cert: ObservedCertificate, store: Store) -> Iterator[tuple[str, str]]:

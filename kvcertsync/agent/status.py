@@ -20,6 +20,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -60,6 +61,8 @@ TRUNCATED: Final = " ... [TRUNCATED]"
 STATUS_FILE_NAME: Final = "status.json"
 
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+# Far more than any status file kvcertsync writes (a whole one for 100,000 certificates).
+_READ_LIMIT = 256 * 1024 * 1024
 _LANG = "en-US"
 # The one grammar of a substatus message: written here, parsed back by ``read_status``.
 _MESSAGE = re.compile(
@@ -192,6 +195,11 @@ def _clip_bytes(text: str, limit: int) -> str:
 
 # Failing certificates first: when the file must be cut, what needs attention stays in it.
 _RANK: Final = {Phase.ERROR: 0, Phase.WARNING: 1, Phase.TRANSITIONING: 2, Phase.SUCCESS: 3}
+_NEVER: Final = datetime.max.replace(tzinfo=UTC)
+
+
+def _rank(status: CertificateStatus) -> tuple[int, datetime]:
+    return _RANK[status.phase], status.not_after or _NEVER
 
 
 def _document(report: StatusReport, substatus: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -218,16 +226,19 @@ def _encode(document: Any) -> bytes:
     return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def status_document(report: StatusReport) -> bytes:
-    """The status file's bytes: within FILE_LIMIT, failing certificates kept first.
+def status_document(report: StatusReport, *, limit: int | None = FILE_LIMIT) -> bytes:
+    """The status file's bytes: within ``limit`` (None: whole), what needs attention first.
 
-    When every substatus does not fit, the last ones are left out and the message says how many
-    (ending in the VM agent's own " ... [TRUNCATED]" mark).
+    Failing certificates come first, then each phase by expiry (soonest first). When every
+    substatus does not fit, the last ones are left out and the message says how many (ending in
+    the VM agent's own " ... [TRUNCATED]" mark).
     """
-    ordered = sorted(report.certificates, key=lambda c: _RANK[c.phase])
+    ordered = sorted(report.certificates, key=_rank)
+    if limit is None:
+        return _encode(_document(report, [c.to_json() for c in ordered]))
     # Entries are encoded one by one until the room beside the longest "N more not listed"
     # message is used up: thousands of certificates cost what fits in the file, not more.
-    room = FILE_LIMIT - len(_encode(_document(_with_omitted(report, len(ordered)), [])))
+    room = limit - len(_encode(_document(_with_omitted(report, len(ordered)), [])))
     entries: list[dict[str, Any]] = []
     for certificate in ordered:
         entry = certificate.to_json()
@@ -250,9 +261,10 @@ def heartbeat_document(report: StatusReport) -> bytes:
     The VM agent 2.7 reads ``status`` only; newer ones show ``formattedMessage``.
     """
     message = _clip(report.message, MESSAGE_LIMIT)
+    ready = report.phase is not Phase.ERROR
     heartbeat = {
-        "status": "ready" if report.phase is not Phase.ERROR else "notready",
-        "code": report.phase.code,
+        "status": "ready" if ready else "notready",
+        "code": 0 if ready else 1,
         "Message": message,
         "formattedMessage": {"lang": _LANG, "message": message},
     }
@@ -263,8 +275,12 @@ def read_status(path: str | os.PathLike[str]) -> StatusReport:
     """Read a status file this module wrote; ValueError names the file and what is wrong."""
     name = os.fspath(path)
     try:
-        with open(name, "rb") as handle:
-            document = json.loads(handle.read())
+        # O_NONBLOCK: a FIFO put where the status should be must not hang the reader.
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("not a regular file")
+            document = json.loads(handle.read(_READ_LIMIT))
         node = document[0]
         status = node["status"]
         return StatusReport(
@@ -272,15 +288,25 @@ def read_status(path: str | os.PathLike[str]) -> StatusReport:
             phase=Phase(status["status"]),
             message=str(status["formattedMessage"]["message"]),
             certificates=tuple(CertificateStatus.from_json(s) for s in status.get("substatus", [])),
-            timestamp=datetime.strptime(node["timestampUTC"], _TIME_FORMAT).replace(tzinfo=UTC),
+            timestamp=_parse_time(node["timestampUTC"]),
             operation=str(status.get("operation", "")),
         )
     except FileNotFoundError:
         raise ValueError(f"{name}: no status file (is kvcertsync run writing here?)") from None
     except OSError as exc:
         raise ValueError(f"{name}: cannot read: {exc.strerror or exc}") from None
+    except RecursionError:
+        raise ValueError(
+            f"{name}: not a status file kvcertsync wrote (nested too deeply)"
+        ) from None
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise ValueError(f"{name}: not a status file kvcertsync wrote ({exc})") from None
+
+
+def _parse_time(text: str) -> datetime:
+    """``timestampUTC``: ours has whole seconds; the VM agent's own has fractions."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def write_json_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -289,6 +315,8 @@ def write_json_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
     try:
         with os.fdopen(fd, "wb") as handle:
+            # The mode as asked, whatever the umask (a service's UMask=0077, say).
+            os.fchmod(handle.fileno(), mode)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

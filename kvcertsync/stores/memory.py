@@ -25,6 +25,9 @@ class MemoryStore:
         self._history: dict[SecretUri, list[tuple[InstalledCertificate, CertificateMaterial]]] = {}
         self.installs = 0
 
+    def __repr__(self) -> str:
+        return f"MemoryStore({len(self._history)} certificates)"
+
     async def install(
         self, observed: ObservedCertificate, material: CertificateMaterial, version: str
     ) -> InstalledCertificate:

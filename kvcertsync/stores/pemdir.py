@@ -379,7 +379,13 @@ class PemDirectoryStore:
         finally:
             os.close(fd)
             _close_all(ancestors)
-        logger.info("installed %s version %s into %s", observed.uri, version, directory / base)
+        logger.info(
+            "installed %s version %s into %s",
+            observed.uri,
+            version,
+            directory / base,
+            extra={"uri": str(observed.uri), "version": version},
+        )
         return self._record(observed, version, material.certificate, directory / base)
 
     def _contents(self, material: CertificateMaterial) -> dict[str, bytes]:
