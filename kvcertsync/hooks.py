@@ -8,6 +8,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 
@@ -18,7 +19,7 @@ import attrs
 from kvcertsync.errors import KvCertSyncError
 from kvcertsync.events import Event, SyncFailed
 
-__all__ = ["CommandFailed", "command_hook", "event_environment"]
+__all__ = ["CommandFailed", "command_hook", "event_environment", "run_command", "shell_argv"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +50,12 @@ def event_environment(event: Event) -> dict[str, str]:
     return env
 
 
-async def _run(
-    argv: list[str], env: dict[str, str], cwd: str | os.PathLike[str] | None
+async def run_command(
+    argv: Sequence[str], env: Mapping[str, str], cwd: str | os.PathLike[str] | None = None
 ) -> tuple[int, str]:
-    """Run ``argv`` in its own process group; if we are cancelled, the whole group dies.
+    """Run ``argv`` in its own process group; returns its status and the tail of its output.
+
+    If we are cancelled (a timeout), the whole group dies, not only the shell.
 
     Only the tail of the output is kept, and once the process has exited its output is read
     for at most a moment more: a hook that starts a daemon must not hold us on its pipes.
@@ -92,6 +95,13 @@ async def _run(
     return returncode, tail.decode(errors="replace").strip()
 
 
+def shell_argv(command: str) -> list[str]:
+    """The argv that runs a shell command line: ``/bin/sh -c``, PowerShell on Windows."""
+    if sys.platform == "win32":
+        return ["powershell.exe", "-NoProfile", "-NonInteractive", "-Command", command]
+    return ["/bin/sh", "-c", command]
+
+
 def command_hook(
     command: str | Sequence[str],
     *,
@@ -104,14 +114,14 @@ def command_hook(
     ``KVCERTSYNC_THUMBPRINT``, ``KVCERTSYNC_LOCATION``... A non-zero exit raises CommandFailed,
     which the event bus logs and counts; its hook timeout bounds the run (the process is killed).
     """
-    argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
+    argv = shell_argv(command) if isinstance(command, str) else list(command)
     if not argv:
         raise ValueError("command is empty")
     label = command if isinstance(command, str) else shlex.join(argv)
 
     async def run(event: Event) -> None:
         environment = {**os.environ, **(env or {}), **event_environment(event)}
-        returncode, output = await _run(argv, environment, cwd)
+        returncode, output = await run_command(argv, environment, cwd)
         if returncode != 0:
             raise CommandFailed(
                 f"hook {label!r} exited with status {returncode}: {output[-_OUTPUT_TAIL:]}"

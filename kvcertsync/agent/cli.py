@@ -24,6 +24,13 @@ from kvcertsync.agent.handler import HandlerEnvironment, find_handler_environmen
 from kvcertsync.agent.logs import LEVELS, configure_logging
 from kvcertsync.agent.notify import Notifier
 from kvcertsync.agent.preflight import describe, problems
+from kvcertsync.agent.reloads import (
+    DEFAULT_BATCH_WINDOW,
+    DEFAULT_HOOK_TIMEOUT,
+    HOOKS_FILE_NAME,
+    HookConfig,
+    HookSpec,
+)
 from kvcertsync.agent.status import (
     STATUS_FILE_NAME,
     Phase,
@@ -137,7 +144,66 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="a progress bar for the initial sync (default: on a terminal, with tqdm installed)",
     )
+    hooks = parser.add_argument_group("reload hooks (docs/hooks.md)")
+    hooks.add_argument(
+        "--on-change",
+        action="append",
+        default=[],
+        metavar="CMD",
+        help="run this shell command once per batch of changes (repeatable)",
+    )
+    hooks.add_argument(
+        "--on-change-of",
+        action="append",
+        nargs=2,
+        default=[],
+        metavar=("URL", "CMD"),
+        help="run CMD when a certificate matching URL (a secret URL or pattern) changes",
+    )
+    hooks.add_argument(
+        "--hooks",
+        metavar="FILE",
+        help=f"a hook file (default: {HOOKS_FILE_NAME} beside SETTINGS, when there is one)",
+    )
+    hooks.add_argument(
+        "--hook-batch",
+        type=float,
+        default=DEFAULT_BATCH_WINDOW,
+        metavar="S",
+        help="changes this close together run each command once (default %(default)g s)",
+    )
+    hooks.add_argument(
+        "--hook-timeout",
+        type=float,
+        default=DEFAULT_HOOK_TIMEOUT,
+        metavar="S",
+        help="kill a hook's whole process group after S seconds (default %(default)g)",
+    )
+    hooks.add_argument(
+        "--hooks-on-initial-sync",
+        action="store_true",
+        help="run hooks for certificates installed for the first time by the initial sync too",
+    )
     _vault_options(parser)
+
+
+def hook_options(args: argparse.Namespace) -> tuple[HookConfig, Path | None]:
+    """The hooks the command line gives, and the hook file to read with them."""
+    if not args.hook_timeout > 0 or args.hook_batch < 0:
+        raise KvCertSyncError("--hook-timeout must be positive and --hook-batch not negative")
+    hooks = [HookSpec(command, timeout=args.hook_timeout) for command in args.on_change]
+    hooks += [
+        HookSpec(command, (pattern,), timeout=args.hook_timeout)
+        for pattern, command in args.on_change_of
+    ]
+    config = HookConfig(tuple(hooks), args.hook_batch, args.hooks_on_initial_sync)
+    if args.hooks is not None:
+        return config, Path(args.hooks).absolute()
+    if args.settings not in (None, "-"):
+        beside = Path(args.settings).absolute().with_name(HOOKS_FILE_NAME)
+        if beside.is_file():
+            return config, beside
+    return config, None
 
 
 def agent_options(
@@ -165,7 +231,10 @@ def agent_options(
     redirects = list(args.redirect)
     if not redirects and env.get(REDIRECT_ENV):
         redirects = [env[REDIRECT_ENV]]
+    hooks, hooks_file = hook_options(args)
     return AgentOptions(
+        hooks=hooks,
+        hooks_file=hooks_file,
         settings=args.settings,
         store=args.store,
         status_dir=Path(args.status_dir).absolute() if args.status_dir else None,
@@ -371,7 +440,7 @@ def run_parser() -> argparse.ArgumentParser:
 
 
 # Options of run whose value is a path: a service starts in %SystemRoot%\System32.
-_PATH_OPTIONS = ("--status-dir", "--log-file", "--ca-file", "--handler-environment")
+_PATH_OPTIONS = ("--status-dir", "--log-file", "--ca-file", "--handler-environment", "--hooks")
 
 
 def absolute_run_args(run_args: Sequence[str]) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 from azure.core.credentials_async import AsyncTokenCredential
 
 from kvcertsync.engine import CertSync
-from kvcertsync.settings import AgentSettings
+from kvcertsync.settings import AgentSettings, ObservedCertificate
 from kvcertsync.sources.base import SecretSource
 from kvcertsync.sources.keyvault import KeyVaultSource
 from kvcertsync.stores.base import Store
@@ -25,6 +25,7 @@ from kvcertsync.stores.windows import WindowsCertStore
 
 __all__ = [
     "STORE_FORMS",
+    "consumer_paths",
     "describe_store",
     "reconfigure",
     "source_from_settings",
@@ -79,6 +80,26 @@ def store_from_spec(spec: str | None, settings: AgentSettings) -> Store:
     if kind == "memory":
         return MemoryStore()
     raise ValueError(f"--store {spec!r} is not a store; use {STORE_FORMS}")
+
+
+def consumer_paths(
+    store: Store, observed: ObservedCertificate, location: str
+) -> tuple[str, tuple[str, ...]]:
+    """What a consumer of ``observed`` configures, and the files behind it.
+
+    ``location`` is what the store reported (``<dir>/<vault>.<name>``, ``LocalMachine\\MY``).
+    A PEM store's consumer names the custom link when there is one; the split layout's files
+    are named through the link, so they follow each renewal.
+    """
+    if not isinstance(store, PemDirectoryStore):
+        return location, ()
+    link = Path(location)
+    if observed.symlink_name:
+        link = link.with_name(observed.symlink_name)
+    if store.layout == "split":
+        names = ("cert.pem", "chain.pem", "fullchain.pem", "privkey.pem")
+        return str(link), tuple(str(link / name) for name in names)
+    return str(link), (str(link),)
 
 
 def describe_store(store: Store) -> str:

@@ -27,6 +27,7 @@ import anyio.abc
 import attrs
 
 from kvcertsync.agent.compose import (
+    consumer_paths,
     describe_store,
     reconfigure,
     store_from_spec,
@@ -34,6 +35,7 @@ from kvcertsync.agent.compose import (
 )
 from kvcertsync.agent.handler import HandlerEnvironment
 from kvcertsync.agent.notify import Notifier, NullNotifier
+from kvcertsync.agent.reloads import Change, HookConfig, ReloadHooks
 from kvcertsync.agent.status import (
     FILE_LIMIT,
     STATUS_FILE_NAME,
@@ -49,7 +51,7 @@ from kvcertsync.agent.status import (
 )
 from kvcertsync.engine import CertSync, InitialSyncError
 from kvcertsync.errors import KvCertSyncError, SettingsError
-from kvcertsync.events import Event
+from kvcertsync.events import CertificateUpdated, Event, InitialSyncCompleted
 from kvcertsync.settings import AgentSettings, load_settings, parse_settings
 
 __all__ = ["DEFAULT_INITIAL_ATTEMPTS", "ONCE_INITIAL_ATTEMPTS", "Agent", "AgentOptions"]
@@ -89,6 +91,10 @@ class AgentOptions:
     progress: bool | None = None
     #: Without a bar, how often a long initial sync logs how far it is.
     progress_every: float = 10.0
+    #: Reload hooks from the command line (and the defaults for the hook file's).
+    hooks: HookConfig = attrs.field(factory=HookConfig)
+    #: A hook file, read at start and on every reload.
+    hooks_file: Path | None = None
 
 
 class Agent:
@@ -125,6 +131,9 @@ class Agent:
         self._dirty: anyio.Event | None = None
         self._ready_sent = False
         self._grace: threading.Timer | None = None
+        self.reloads = ReloadHooks(options.hooks, on_done=self._hooks_ran)
+        # Until InitialSyncCompleted arrives, a first install is part of the initial sync.
+        self._initial_seen = False
 
     # ------------------------------------------------------------------ control
 
@@ -268,13 +277,36 @@ class Agent:
                 logger.info("stopped before the settings were read")
                 return int(self.options.once)
             settings, self._sequence = loaded[0]
+            self.reloads.config = await anyio.to_thread.run_sync(self._read_hooks)
             sync = self._build(settings)
         except (KvCertSyncError, OSError, ssl.SSLError) as exc:
             return await self._failed_start(exc)
         self.settings, self.sync = settings, sync
         self._announce(settings)
         sync.subscribe(self._changed)
+        sync.subscribe(self._for_hooks, CertificateUpdated, InitialSyncCompleted)
         return await self._serve(sync)
+
+    def _read_hooks(self) -> HookConfig:
+        path = self.options.hooks_file
+        if path is None:
+            return self.options.hooks
+        return HookConfig.load(path, defaults=self.options.hooks)
+
+    async def _for_hooks(self, event: Event) -> None:
+        if isinstance(event, InitialSyncCompleted):
+            self._initial_seen = True
+            return
+        assert isinstance(event, CertificateUpdated) and self.sync is not None
+        first_install = event.previous_version is None and not self._initial_seen
+        if first_install and not self.reloads.config.on_initial_sync:
+            # The service to reload starts after READY and reads these files anyway.
+            return
+        observed = next((o for o in self.sync.observed if o.uri == event.uri), None)
+        if observed is None:
+            return  # removed by a reload meanwhile
+        location, files = consumer_paths(self.sync.store, observed, event.location)
+        self.reloads.add(Change(event, location, files))
 
     async def _failed_start(self, exc: BaseException) -> int:
         """Say why the agent cannot start; a handler's status file says it too (for the VM)."""
@@ -313,6 +345,10 @@ class Agent:
                 settings.logging.logger or "no logger named",
             )
 
+    def _hooks_ran(self) -> None:
+        if self._dirty is not None:
+            self._dirty.set()
+
     async def _changed(self, event: Event) -> None:
         if self._dirty is not None:
             self._dirty.set()
@@ -325,12 +361,15 @@ class Agent:
                 tg.start_soon(self._status_loop)
                 tg.start_soon(self._heartbeat_loop)
                 tg.start_soon(self._reload_loop)
+                tg.start_soon(self.reloads.serve)
             try:
                 async with sync:
                     if not self.options.once:
                         await self._write_status()
                     if self.options.once:
                         status = await self._once(sync)
+                        # Changes the pass made run their hooks now, not after a window.
+                        await self.reloads.flush()
                     else:
                         await self._initial(sync)
                         assert self._stop_event is not None
@@ -486,8 +525,10 @@ class Agent:
             settings, sequence = await anyio.to_thread.run_sync(
                 functools.partial(self._read_settings, reload=True), abandon_on_cancel=True
             )
+            hooks = await anyio.to_thread.run_sync(self._read_hooks)
             before = {o.uri: o for o in sync.observed}
             reconfigure(sync, settings)
+            self.reloads.config = hooks
         except (KvCertSyncError, ValueError, OSError) as exc:
             logger.error("reload refused, the running settings stay: %s", exc)
             refused = getattr(exc, "sequence", None)
@@ -561,13 +602,24 @@ class Agent:
             initial_done=sync.initial_sync_done == len(states),
         )
         name = self.options.handler.name if self.options.handler is not None else "kvcertsync"
+        hook_failures = self.reloads.failures
+        failed_hooks = [s for s in states if s.uri.latest in hook_failures]
+        if failed_hooks and phase is Phase.SUCCESS:
+            first = failed_hooks[0].uri.latest
+            phase = Phase.WARNING
+            message = (
+                f"{message}; the reload hook failed for {len(failed_hooks)}: "
+                f"{first}: {hook_failures[first]}"
+            )
         if self._settings_error is not None:
             phase, message = Phase.ERROR, f"{self._settings_error}; {message}"
         return StatusReport(
             name=name,
             phase=phase,
             message=message,
-            certificates=tuple(CertificateStatus.of(s) for s in states),
+            certificates=tuple(
+                CertificateStatus.of(s, hook_error=hook_failures.get(s.uri.latest)) for s in states
+            ),
             timestamp=datetime.now(UTC),
         )
 

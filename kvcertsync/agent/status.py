@@ -67,7 +67,8 @@ _LANG = "en-US"
 # The one grammar of a substatus message: written here, parsed back by ``read_status``.
 _MESSAGE = re.compile(
     r"^version: (?P<version>\S+); thumbprint: (?P<thumbprint>\S+); "
-    r"notAfter: (?P<not_after>\S+); location: (?P<location>.*?)(?:; error: (?P<error>.*))?$"
+    r"notAfter: (?P<not_after>\S+); location: (?P<location>.*?)(?:; hook: (?P<hook>.*?))?"
+    r"(?:; error: (?P<error>.*))?$"
     r"|^not installed(?:; error: (?P<pending_error>.*))?$",
     re.DOTALL,
 )
@@ -98,22 +99,26 @@ class CertificateStatus:
     not_after: datetime | None = None
     location: str | None = None
     error: str | None = None
+    #: The reload hook that ran for its last change failed: why.
+    hook_error: str | None = None
 
     @classmethod
-    def of(cls, state: CertificateState) -> CertificateStatus:
-        """The status of one certificate, from the engine's view of it."""
+    def of(cls, state: CertificateState, *, hook_error: str | None = None) -> CertificateStatus:
+        """The status of one certificate, from the engine's view of it (and its hooks')."""
         installed = state.installed
         if installed is None:
             phase = Phase.TRANSITIONING if state.error is None else Phase.ERROR
             return cls(str(state.uri), phase, error=state.error)
+        ok = state.error is None and hook_error is None
         return cls(
             str(state.uri),
-            Phase.SUCCESS if state.error is None else Phase.WARNING,
+            Phase.SUCCESS if ok else Phase.WARNING,
             version=installed.version,
             thumbprint=installed.thumbprint,
             not_after=installed.not_after,
             location=installed.location,
             error=state.error,
+            hook_error=hook_error,
         )
 
     @property
@@ -126,6 +131,8 @@ class CertificateStatus:
                 f"version: {self.version}; thumbprint: {self.thumbprint}; "
                 f"notAfter: {self.not_after.strftime(_TIME_FORMAT)}; location: {self.location}"
             )
+            if self.hook_error is not None:
+                text = f"{text}; hook: {_one_line(self.hook_error)}"
         return text if self.error is None else f"{text}; error: {_one_line(self.error)}"
 
     def to_json(self) -> dict[str, Any]:
@@ -159,6 +166,7 @@ class CertificateStatus:
             not_after=datetime.strptime(match["not_after"], _TIME_FORMAT).replace(tzinfo=UTC),
             location=match["location"],
             error=match["error"],
+            hook_error=match["hook"],
         )
 
 
