@@ -34,6 +34,7 @@ from kvcertsync.limits import RetryPolicy, VaultLimiter
 from kvcertsync.material import CertificateMaterial
 from kvcertsync.settings import ObservedCertificate
 from kvcertsync.sources.base import SecretSource, SecretVersion
+from kvcertsync.stats import StatsRecorder, SyncStats
 from kvcertsync.stores.base import InstalledCertificate, InstallIncomplete, Store
 from kvcertsync.uri import SecretUri
 
@@ -262,6 +263,8 @@ class CertSync:
         self._ready_error: InitialSyncError | None = None
         self._initial_pending: set[_Entry] = set(self._entries.values())
         self._started_at: float | None = None
+        self._initial_sync_duration: float | None = None
+        self._stats = StatsRecorder()
         self._tg: anyio.abc.TaskGroup | None = None
         self._background = False
         self._run_lock = anyio.Lock()
@@ -319,6 +322,16 @@ class CertSync:
                 last_success=entry.last_success,
             )
             for entry in self._entries.values()
+        )
+
+    def stats(self) -> SyncStats:
+        """Counters and latency histograms since creation, as a frozen snapshot (any thread)."""
+        return self._stats.snapshot(
+            initial_sync_done=self._ready.is_set(),
+            initial_sync_duration=self._initial_sync_duration,
+            certificates=len(self._entries),
+            polling_interval=self.polling_interval,
+            events=self._bus.stats,
         )
 
     @property
@@ -668,11 +681,18 @@ class CertSync:
         """Fetch, compare, parse and install one certificate; returns the result and next due."""
         entry.polls += 1
         limiter = self.limiter(entry.vault)
+        stats = self._stats
+        started = self.clock.now()
+        fetched_ok = False
         try:
             fetched = await self.source.get(entry.uri)
+            fetched_ok = True
+            stats.fetch.observe(self.clock.now() - started)
             limiter.succeeded()
             result = await self._apply(entry, fetched)
         except Exception as error:
+            if not fetched_ok:
+                stats.fetch.observe(self.clock.now() - started)
             if isinstance(error, Throttled):
                 pause = limiter.throttled(error.retry_after)
                 logger.warning("vault %s throttled requests; pausing it %.1f s", entry.vault, pause)
@@ -685,6 +705,7 @@ class CertSync:
                 extra={"uri": str(entry.uri)},
             )
             self._bus.publish(SyncRecovered(entry.uri, entry.attempt))
+        stats.polls += 1
         entry.attempt = 0
         entry.last_error = None
         entry.last_success = self.clock.utcnow()
@@ -709,6 +730,7 @@ class CertSync:
         )
         # Shielded: leaving ``async with`` never interrupts an install halfway.
         with anyio.CancelScope(shield=True):
+            started = self.clock.now()
             try:
                 installed = await self.store.install(observed, material, fetched.version)
             except InstallIncomplete as incomplete:
@@ -716,6 +738,8 @@ class CertSync:
                 entry.installed = incomplete.installed
                 self._announce(entry, current, incomplete.installed)
                 raise
+            finally:
+                self._stats.install.observe(self.clock.now() - started)
         entry.installed = installed
         self._announce(entry, current, installed)
         return PollResult(entry.uri, Outcome.UPDATED, installed)
@@ -735,6 +759,7 @@ class CertSync:
                 "thumbprint": installed.thumbprint,
             },
         )
+        self._stats.changes += 1
         self._bus.publish(
             CertificateUpdated(
                 uri=entry.uri,
@@ -764,6 +789,7 @@ class CertSync:
                 extra={"uri": str(entry.uri)},
             )
         error = _scrub(error)
+        self._stats.failed(error)
         entry.attempt += 1
         entry.last_error = error
         now = self.clock.now()
@@ -803,7 +829,9 @@ class CertSync:
         if failures and self.require_initial_sync:
             self._ready_error = InitialSyncError(failures)
         count = sum(1 for e in entries if e.ready)
-        duration = self.clock.now() - (self._started_at or self.clock.now())
+        started = self._started_at if self._started_at is not None else self.clock.now()
+        duration = self.clock.now() - started
+        self._initial_sync_duration = duration
         logger.info("initial sync: %d of %d certificates in place", count, len(entries))
         self._bus.publish(InitialSyncCompleted(count, duration))
         self._ready.set()

@@ -16,21 +16,27 @@ from urllib.parse import urlsplit
 import attrs
 
 from kvcertsync.errors import SecretUriError, SettingsError
-from kvcertsync.uri import SecretUri
+from kvcertsync.uri import VAULT_DNS_SUFFIXES, SecretUri
 
 __all__ = [
     "DEFAULT_POLLING_INTERVAL",
     "DEFAULT_REQUIRE_INITIAL_SYNC",
     "DEFAULT_STORE_LOCATION",
     "DEFAULT_STORE_NAME",
+    "EXTENSION_POLLING_RANGE",
     "LINUX_DEFAULT_STORE_DIRECTORY",
     "MAX_POLLING_INTERVAL",
+    "SUPPORTED_EXTENSION_VERSIONS",
     "WINDOWS_STORE_LOCATIONS",
     "Acl",
     "AgentSettings",
     "LoggingSettings",
     "ObservedCertificate",
+    "SettingsWarning",
+    "collision_message",
+    "error_code",
     "load_settings",
+    "located",
     "parse_settings",
 ]
 
@@ -54,6 +60,12 @@ LINUX_DEFAULT_STORE_DIRECTORY: Final = "/var/lib/waagent/Microsoft.Azure.KeyVaul
 WINDOWS_STORE_LOCATIONS: Final = ("LocalMachine", "CurrentUser")
 #: The documented default: report success once polling starts, not after every install.
 DEFAULT_REQUIRE_INITIAL_SYNC: Final = False
+#: The pollingIntervalInS range (seconds) KeyVaultForWindows 4.0 and KeyVaultForLinux 4.x accept:
+#: "limited to between 5 and 60 minutes" (their pages' "Upgrading from 3.0" sections).
+EXTENSION_POLLING_RANGE: Final = (300, 3600)
+#: The extension major versions Microsoft supports (its pages: "only for major version 3.0 and
+#: later"); ``kvcertsync check`` warns about differences from these unless told a version.
+SUPPORTED_EXTENSION_VERSIONS: Final = (3, 4)
 
 _SMS = "secretsManagementSettings"
 _AUTH = "authenticationSettings"
@@ -125,6 +137,117 @@ def _join(path: str, key: str) -> str:
 
 def _item(path: str, index: int) -> str:
     return f"{path}[{index}]"
+
+
+# --- structured warnings and error codes ---
+
+
+def _int_tuple(values: Iterable[int]) -> tuple[int, ...]:
+    return tuple(int(value) for value in values)
+
+
+@attrs.frozen
+class SettingsWarning:
+    """One thing worth knowing about valid settings, with its JSON path and a stable code.
+
+    ``kind`` says who notices it: ``"settings"`` (the parser's own warnings, also listed as
+    strings in ``AgentSettings.warnings`` and logged), ``"extension"`` (where the Key Vault VM
+    extension behaves differently from kvcertsync; not logged) or ``"machine"`` (what would
+    fail on this machine, found by ``kvcertsync check``). ``extension`` and ``kvcertsync`` say
+    what each would do; ``versions`` names the extension major versions concerned (empty: all).
+    """
+
+    code: str
+    path: str
+    message: str
+    kind: str = "settings"
+    extension: str | None = None
+    kvcertsync: str | None = None
+    versions: tuple[int, ...] = attrs.field(default=(), converter=_int_tuple)
+
+    def applies_to(self, version: int | None) -> bool:
+        """Whether this concerns extension major ``version`` (None: a supported one, 3 or 4)."""
+        if not self.versions:
+            return True
+        if version is None:
+            return any(v in SUPPORTED_EXTENSION_VERSIONS for v in self.versions)
+        return version in self.versions
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form ``kvcertsync check --json`` prints."""
+        return {
+            "code": self.code,
+            "path": self.path,
+            "kind": self.kind,
+            "message": self.message,
+            "extension": self.extension,
+            "kvcertsync": self.kvcertsync,
+            "versions": list(self.versions),
+        }
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _CodedError(SettingsError):
+    """A SettingsError that carries a stable ``code`` (read it with ``error_code``)."""
+
+    def __init__(self, code: str, message: str, path: str = "") -> None:
+        super().__init__(message, path)
+        self.code = code
+
+
+def _error(code: str, message: str, path: str = "") -> SettingsError:
+    return _CodedError(code, message, path)
+
+
+def error_code(error: SettingsError) -> str:
+    """A stable, machine-readable code for a settings error (``"invalid"`` when unclassified)."""
+    code = getattr(error, "code", None)
+    return code if isinstance(code, str) else "invalid"
+
+
+def located(error: SettingsError, source: str) -> SettingsError:
+    """``error`` again, its message ending with where the settings came from: ``(in <source>)``."""
+    return _error(error_code(error), f"{_message(error)} (in {source})", error.path)
+
+
+def _same_secret(a: SecretUri, b: SecretUri) -> bool:
+    return a.latest == b.latest
+
+
+def collision_message(
+    name: str,
+    location: str,
+    this: tuple[str, ObservedCertificate, bool],
+    other: tuple[str, ObservedCertificate, bool],
+) -> str:
+    """Why two certificates cannot share ``name`` in ``location``, and the change that fixes it.
+
+    ``this`` and ``other`` are (JSON path, certificate, whether ``name`` is its custom link).
+    Files are named ``<vault>.<name>.<version>`` with a ``<vault>.<name>`` link, always: a
+    ``customSymbolicLinkName`` only adds a link, so it cannot separate two ``<vault>.<name>``.
+    """
+    this_path, this_cert, this_custom = this
+    other_path, other_cert, other_custom = other
+    head = f"{this_cert.uri} and {other_path} would both be named {name!r} in {location}"
+    if this_custom or other_custom:
+        rename = this_path if this_custom else other_path
+        return (
+            f"{head}: give {_join(rename, 'customSymbolicLinkName')} another name (or move one "
+            "of them to its own certificateStoreLocation)"
+        )
+    if _same_secret(this_cert.uri, other_cert.uri):
+        return (
+            f"{head}: both are {this_cert.uri.latest}, once with a version: list the secret once "
+            "(without a version to follow the latest), or give one of them its own "
+            "certificateStoreLocation (another directory)"
+        )
+    return (
+        f"{head}: give one of them its own certificateStoreLocation (another directory); a "
+        "customSymbolicLinkName does not help, since the files are still named "
+        f"{name}.<version> and {name}"
+    )
 
 
 # --- shared value checks: each returns an error message, or None when the value is acceptable ---
@@ -410,6 +533,14 @@ class AgentSettings:
     warnings: tuple[str, ...] = attrs.field(
         default=(), kw_only=True, converter=_str_tuple, eq=False, repr=False
     )
+    #: Everything the parser noticed, structured (path, code): its warnings (the same as
+    #: ``warnings``) and where the Key Vault VM extension would behave differently.
+    diagnostics: tuple[SettingsWarning, ...] = attrs.field(
+        default=(), kw_only=True, converter=tuple, eq=False, repr=False
+    )
+    #: The JSON path of ``secretsManagementSettings`` in the document parsed (inside the VM
+    #: envelope: ``runtimeSettings[0].handlerSettings.publicSettings.secretsManagementSettings``).
+    json_path: str = attrs.field(default=_SMS, kw_only=True, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if self.msi_client_id is not None and self.msi_endpoint is None:
@@ -464,12 +595,47 @@ class _Parser:
 
     def __init__(self, allow_any_host: bool) -> None:
         self.allow_any_host = allow_any_host
-        self.warnings: list[str] = []
+        self.diagnostics: list[SettingsWarning] = []
+        self.root = ""
         self.sms_path = _SMS
 
-    def warn(self, message: str) -> None:
+    def warn(
+        self,
+        code: str,
+        path: str,
+        message: str,
+        *,
+        extension: str | None = None,
+        kvcertsync: str | None = None,
+    ) -> None:
+        """A warning of the parser's own: logged, and listed in ``AgentSettings.warnings``."""
         logger.warning("%s", message)
-        self.warnings.append(message)
+        self.diagnostics.append(
+            SettingsWarning(code, path, message, extension=extension, kvcertsync=kvcertsync)
+        )
+
+    def note(
+        self,
+        code: str,
+        path: str,
+        message: str,
+        *,
+        extension: str,
+        kvcertsync: str,
+        versions: tuple[int, ...] = (),
+    ) -> None:
+        """Where the extension would differ from kvcertsync: kept for ``check``, not logged."""
+        self.diagnostics.append(
+            SettingsWarning(
+                code,
+                path,
+                message,
+                kind="extension",
+                extension=extension,
+                kvcertsync=kvcertsync,
+                versions=versions,
+            )
+        )
 
     # document level
 
@@ -485,8 +651,9 @@ class _Parser:
             return self.from_text(source, depth=0)
         if isinstance(source, Mapping):
             return source
-        raise SettingsError(
-            f"settings must be a JSON object (text, bytes or a mapping), got {_got(source)}"
+        raise _error(
+            "not-an-object",
+            f"settings must be a JSON object (text, bytes or a mapping), got {_got(source)}",
         )
 
     @staticmethod
@@ -495,7 +662,9 @@ class _Parser:
             # detect_encoding honours the UTF-16 and UTF-8 byte-order marks PowerShell writes.
             return data.decode(json.detect_encoding(data))
         except (UnicodeDecodeError, LookupError) as exc:
-            raise SettingsError(f"settings are not valid UTF-8/UTF-16/UTF-32 text: {exc}") from None
+            raise _error(
+                "encoding", f"settings are not valid UTF-8/UTF-16/UTF-32 text: {exc}"
+            ) from None
 
     def from_text(self, text: str, depth: int) -> object:
         text = text.lstrip("\ufeff")
@@ -505,18 +674,23 @@ class _Parser:
             value = self.unescaped(text, first)
         if isinstance(value, str) and depth < _MAX_UNWRAP:
             # ConvertTo-Json of an already-serialised document yields a JSON string of JSON.
-            mark = len(self.warnings)
+            mark = len(self.diagnostics)
             try:
                 inner = self.from_text(value, depth + 1)
             except SettingsError:
                 inner = None
             if isinstance(inner, Mapping):
                 self.warn(
+                    "double-encoded",
+                    "",
                     "settings were a JSON string holding the JSON document (double-encoded, as "
-                    "PowerShell's ConvertTo-Json produces); decoded it again"
+                    "PowerShell's ConvertTo-Json produces); decoded it again",
+                    extension="expects a JSON object; a string holding one is not, and it fails "
+                    "to read the settings",
+                    kvcertsync="decodes the string again and reads the document inside",
                 )
                 return inner
-            del self.warnings[mark:]
+            del self.diagnostics[mark:]
         return value
 
     def unescaped(self, text: str, error: _JsonSyntaxError) -> object:
@@ -527,31 +701,42 @@ class _Parser:
                 pass
             else:
                 self.warn(
+                    "escaped-quotes",
+                    "",
                     'settings had every quote escaped as \\" (a PowerShell quoting mistake); '
-                    "read them with the backslashes removed"
+                    "read them with the backslashes removed",
+                    extension='fails with "[CertificateManagementConfiguration] Failed to parse '
+                    'the configuration settings with:not an object."',
+                    kvcertsync="reads the settings with the backslashes removed",
                 )
                 return value
-        raise SettingsError(str(error)) from None
+        raise _error("json-syntax", str(error)) from None
 
     def unwrap(self, document: object) -> tuple[str, Mapping[str, Any]]:
         if not isinstance(document, Mapping):
-            raise SettingsError(f"the top level must be a JSON object, got {_got(document)}")
+            raise _error(
+                "not-an-object", f"the top level must be a JSON object, got {_got(document)}"
+            )
         document = self.obj(document, "")
         if "runtimeSettings" not in document:
             return "", document
         path = "runtimeSettings"
         runtime = document["runtimeSettings"]
         if not isinstance(runtime, list | tuple) or not runtime:
-            raise SettingsError(f"expected a non-empty array, got {_got(runtime)}", path)
+            raise _error("wrong-type", f"expected a non-empty array, got {_got(runtime)}", path)
         if len(runtime) > 1:
-            self.warn(f"{path}: has {len(runtime)} entries; only the first is used")
+            self.warn(
+                "runtime-settings-entries",
+                path,
+                f"{path}: has {len(runtime)} entries; only the first is used",
+            )
         node: object = runtime[0]
         path = _item(path, 0)
         for key in ("handlerSettings", "publicSettings"):
             if not isinstance(node, Mapping):
-                raise SettingsError(f"expected an object, got {_got(node)}", path)
+                raise _error("wrong-type", f"expected an object, got {_got(node)}", path)
             if key not in node:
-                raise SettingsError(f"missing {key!r}", path)
+                raise _error("missing-key", f"missing {key!r}", path)
             node, path = node[key], _join(path, key)
         if isinstance(node, str):
             node = self.from_text(node, depth=1)
@@ -560,18 +745,20 @@ class _Parser:
     # the settings object
 
     def settings(self, root: str, doc: Mapping[str, Any]) -> AgentSettings:
+        self.root = root
         sms_path = self.sms_path = _join(root, _SMS)
         raw_sms = doc.get(_SMS)
         if raw_sms is None:
-            raise SettingsError(self.missing_sms_hint(doc), sms_path)
-        self.unknown_keys(root, doc, _TOP_KEYS)
+            raise _error("missing-key", self.missing_sms_hint(doc), sms_path)
+        self.unknown_keys(root, doc, _TOP_KEYS, "top")
         sms = self.obj(raw_sms, sms_path)
         if _AUTH in sms:
-            raise SettingsError(
+            raise _error(
+                "misplaced-key",
                 f"{_AUTH} belongs at the top level, beside {_SMS}, not inside it",
                 _join(sms_path, _AUTH),
             )
-        self.unknown_keys(sms_path, sms, _SMS_KEYS)
+        self.unknown_keys(sms_path, sms, _SMS_KEYS, "sms")
 
         polling_interval = self.polling(sms, sms_path)
         store_name = self.opt_text(sms, sms_path, "certificateStoreName") or DEFAULT_STORE_NAME
@@ -584,6 +771,8 @@ class _Parser:
         observed = self.observed(sms, sms_path, store_name, store_location, acl_enabled)
         msi_endpoint, msi_client_id = self.authentication(root, doc)
         logging_settings = self.logging(root, doc)
+        self.removed_in_4(sms, sms_path, observed, link_on_renewal, require_initial_sync)
+        self.overrides(observed, _join(sms_path, "observedCertificates"), msi_client_id)
         return _build(
             sms_path,
             AgentSettings,
@@ -597,7 +786,9 @@ class _Parser:
             store_name=store_name,
             store_location=store_location,
             logging=logging_settings,
-            warnings=tuple(self.warnings),
+            warnings=tuple(d.message for d in self.diagnostics if d.kind == "settings"),
+            diagnostics=tuple(self.diagnostics),
+            json_path=sms_path,
         )
 
     @staticmethod
@@ -626,15 +817,38 @@ class _Parser:
                 or len(digits) > 12
                 or not 0 < int(digits) <= MAX_POLLING_INTERVAL
             ):
-                raise SettingsError(f"{expected}, got {_got(value)}", path)
-            return float(int(digits))
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise SettingsError(f"{expected}, got {_got(value)}", path)
-        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-            raise SettingsError(f"{expected}, got {_got(value)}", path)
-        if not 0 < value <= MAX_POLLING_INTERVAL:
-            raise SettingsError(f"{expected}, got {_got(value)}", path)
-        return float(value)
+                raise _error("polling-interval", f"{expected}, got {_got(value)}", path)
+            seconds = float(int(digits))
+        else:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise _error("polling-interval", f"{expected}, got {_got(value)}", path)
+            if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+                raise _error("polling-interval", f"{expected}, got {_got(value)}", path)
+            if not 0 < value <= MAX_POLLING_INTERVAL:
+                raise _error("polling-interval", f"{expected}, got {_got(value)}", path)
+            seconds = float(value)
+            self.note(
+                "polling-interval-number",
+                path,
+                f"{path}: a number ({_show(value)}), where the extension's schema takes a string "
+                f'such as "{int(seconds)}"',
+                extension="fails to read the settings (not a string) and installs nothing",
+                kvcertsync=f"accepts the number: polls every {int(seconds)} s",
+            )
+        low, high = EXTENSION_POLLING_RANGE
+        if not low <= seconds <= high:
+            clamped = low if seconds < low else high
+            self.note(
+                "polling-interval-range",
+                path,
+                f"{path}: {int(seconds)} s is outside the {low} to {high} s (5 to 60 minutes) "
+                "that the extension's 4.x versions accept",
+                extension=f"4.x limits pollingIntervalInS to {low}-{high} s: it would poll every "
+                f"{clamped} s (3.x and earlier poll every {int(seconds)} s)",
+                kvcertsync=f"polls every {int(seconds)} s, as written",
+                versions=(4,),
+            )
+        return seconds
 
     def observed(
         self,
@@ -647,24 +861,30 @@ class _Parser:
         path = _join(sms_path, "observedCertificates")
         items = sms.get("observedCertificates")
         if items is None:
-            raise SettingsError(
+            raise _error(
+                "missing-key",
                 "required: an array of secret URLs or certificate objects "
                 '(e.g. ["https://myvault.vault.azure.net/secrets/mycert"])',
                 path,
             )
         if not isinstance(items, list | tuple):
-            raise SettingsError(
-                f"expected an array of secret URLs or certificate objects, got {_got(items)}", path
+            raise _error(
+                "wrong-type",
+                f"expected an array of secret URLs or certificate objects, got {_got(items)}",
+                path,
             )
         if not items:
-            raise SettingsError("is empty: list at least one certificate to observe", path)
+            raise _error("empty", "is empty: list at least one certificate to observe", path)
         certs: list[ObservedCertificate] = []
         seen: dict[SecretUri, int] = {}
-        files: dict[tuple[str, str], int] = {}
+        files: dict[tuple[str, str], tuple[int, bool]] = {}
+        strings: list[int] = []
+        objects: list[int] = []
         for index, item in enumerate(items):
             item_path = _item(path, index)
             if isinstance(item, str):
                 url_path = item_path
+                strings.append(index)
                 cert = _build(
                     item_path,
                     ObservedCertificate,
@@ -674,35 +894,162 @@ class _Parser:
                 )
             elif isinstance(item, Mapping):
                 url_path = _join(item_path, "url")
+                objects.append(index)
                 cert = self.certificate(item, item_path, store_name, store_location, acl_enabled)
             else:
-                raise SettingsError(
+                raise _error(
+                    "wrong-type",
                     f"expected a secret URL string or a certificate object, got {_got(item)}",
                     item_path,
                 )
             if cert.uri in seen:
-                raise SettingsError(
+                raise _error(
+                    "duplicate-url",
                     f"{cert.uri} is already observed at {_item(path, seen[cert.uri])}; "
                     "list each secret once",
                     url_path,
                 )
             seen[cert.uri] = index
+            if cert.uri.version is not None:
+                self.versioned(cert.uri, url_path)
             # Files are named <vault>.<name> (and by customSymbolicLinkName) per location, as
             # the Linux extension names them: two secrets must not share a name there.
-            names = [f"{cert.uri.vault_name}.{cert.uri.name}".lower()]
+            names = [(f"{cert.uri.vault_name}.{cert.uri.name}".lower(), False)]
             if cert.symlink_name:
-                names.append(cert.symlink_name.lower())
-            for name in names:
-                other = files.setdefault((cert.store_location, name), index)
+                names.append((cert.symlink_name.lower(), True))
+            for name, custom in names:
+                other, other_custom = files.setdefault((cert.store_location, name), (index, custom))
                 if other != index:
-                    raise SettingsError(
-                        f"{cert.uri} and {_item(path, other)} would both be named {name!r} in "
-                        f"{cert.store_location}: give one a different customSymbolicLinkName or "
-                        "certificateStoreLocation",
+                    raise _error(
+                        "name-collision",
+                        collision_message(
+                            name,
+                            cert.store_location,
+                            (item_path, cert, custom),
+                            (_item(path, other), certs[other], other_custom),
+                        ),
                         item_path,
                     )
             certs.append(cert)
+        self.entry_forms(path, strings, objects)
         return tuple(certs)
+
+    def versioned(self, uri: SecretUri, path: str) -> None:
+        self.note(
+            "versioned-url",
+            path,
+            f"{path}: {uri} names version {uri.version}: that version is installed and never "
+            "replaced by a newer one",
+            extension="4.x refuses versioned URLs (observed URLs must be versionless); 3.x and "
+            "earlier install this version, as kvcertsync does",
+            kvcertsync=f"installs version {uri.version} and keeps it, whatever is newer; drop "
+            f"/{uri.version} to follow the latest",
+            versions=(4,),
+        )
+
+    def entry_forms(self, path: str, strings: list[int], objects: list[int]) -> None:
+        if strings:
+            first = _item(path, strings[0])
+            more = f" (and {len(strings) - 1} more)" if len(strings) > 1 else ""
+            self.note(
+                "url-string-entry",
+                first,
+                f"{first}{more}: a plain URL string (the 1.0 form)",
+                extension="KeyVaultForLinux 4.x no longer takes URL strings: each entry must be "
+                'an object {"url": ...}',
+                kvcertsync='reads the string as {"url": ...} with the top-level store settings',
+                versions=(4,),
+            )
+        if objects:
+            first = _item(path, objects[0])
+            more = f" (and {len(objects) - 1} more)" if len(objects) > 1 else ""
+            self.note(
+                "object-entry",
+                first,
+                f"{first}{more}: a certificate object (the 3.0 form)",
+                extension="KeyVaultForWindows 1.0 and KeyVaultForLinux 2.0 take URL strings only",
+                kvcertsync="reads the object, with its per-certificate store settings",
+                versions=(1, 2),
+            )
+
+    def removed_in_4(
+        self,
+        sms: Mapping[str, Any],
+        sms_path: str,
+        observed: tuple[ObservedCertificate, ...],
+        link_on_renewal: bool,
+        require_initial_sync: bool,
+    ) -> None:
+        """Settings the 4.x extensions dropped, where kvcertsync does what 3.x did."""
+        windows = any(cert.is_windows_store for cert in observed)
+        if windows and sms.get("linkOnRenewal") is not None and not link_on_renewal:
+            path = _join(sms_path, "linkOnRenewal")
+            self.note(
+                "removed-in-extension-4",
+                path,
+                f"{path}: false, which KeyVaultForWindows 4.0 no longer reads",
+                extension="4.0 always links a renewed certificate to the one it replaces",
+                kvcertsync="does not link renewals (CERT_RENEWAL_PROP_ID), as 3.0 with false",
+                versions=(4,),
+            )
+        if sms.get("requireInitialSync") is not None and not require_initial_sync:
+            path = _join(sms_path, "requireInitialSync")
+            self.note(
+                "removed-in-extension-4",
+                path,
+                f"{path}: false, which the 4.x extensions no longer read",
+                extension="4.x reports success only once every certificate is installed",
+                kvcertsync="reports success as soon as polling starts, as 3.x with false",
+                versions=(4,),
+            )
+        certs = sms.get("observedCertificates")
+        for index, item in enumerate(certs if isinstance(certs, list | tuple) else ()):
+            if not isinstance(item, Mapping):
+                continue
+            cert = observed[index]
+            item_path = _item(_join(sms_path, "observedCertificates"), index)
+            if cert.key_exportable:
+                path = _join(item_path, "keyExportable")
+                self.note(
+                    "removed-in-extension-4",
+                    path,
+                    f"{path}: true, which KeyVaultForWindows 4.0 no longer reads",
+                    extension="4.0 never makes private keys exportable",
+                    kvcertsync="imports the private key as exportable, as 3.0 does",
+                    versions=(4,),
+                )
+            if cert.symlink_name is not None:
+                path = _join(item_path, "customSymbolicLinkName")
+                base = f"{cert.uri.vault_name}.{cert.uri.name}"
+                self.note(
+                    "removed-in-extension-4",
+                    path,
+                    f"{path}: {cert.symlink_name!r}, which KeyVaultForLinux 4.x no longer reads",
+                    extension=f"4.x links only {base}.pem and {base}.keyid: a consumer "
+                    f"configured with {cert.symlink_name!r} finds nothing",
+                    kvcertsync=f"links {cert.symlink_name!r} (and {base}) to the current "
+                    "version, as 3.0 does",
+                    versions=(4,),
+                )
+
+    def overrides(
+        self, observed: tuple[ObservedCertificate, ...], path: str, default: str | None
+    ) -> None:
+        default_identity = (
+            f"user-assigned {default} (msiClientId)" if default else "the system-assigned identity"
+        )
+        for index, cert in enumerate(observed):
+            if cert.msi_client_id is None:
+                continue
+            where = _join(_item(path, index), "authenticationOverride")
+            self.note(
+                "authentication-override",
+                where,
+                f"{where}: a per-certificate identity, read from the extension's 4.x versions on",
+                extension=f"3.x and earlier ignore it and read this secret as {default_identity}",
+                kvcertsync=f"reads this secret as user-assigned {cert.msi_client_id}",
+                versions=(1, 2, 3),
+            )
 
     def certificate(
         self,
@@ -712,11 +1059,12 @@ class _Parser:
         store_location: str,
         acl_enabled: bool,
     ) -> ObservedCertificate:
-        self.unknown_keys(path, item, _CERT_KEYS)
+        self.unknown_keys(path, item, _CERT_KEYS, "cert")
         url = item.get("url")
         url_path = _join(path, "url")
         if url is None:
-            raise SettingsError(
+            raise _error(
+                "missing-key",
                 "required: the secret URL, e.g. https://myvault.vault.azure.net/secrets/mycert",
                 url_path,
             )
@@ -724,15 +1072,21 @@ class _Parser:
         accounts = self.opt_list(item, path, "accounts", self.text)
         acls = self.opt_list(item, path, "acls", self.acl)
         if acls and not acl_enabled:
+            acls_path = _join(path, "acls")
             self.warn(
-                f"{_join(path, 'acls')}: set, but {_join(self.sms_path, 'aclEnabled')} is not true "
-                "(the extension applies ACLs only when it is)"
+                "acls-without-acl-enabled",
+                acls_path,
+                f"{acls_path}: set, but {_join(self.sms_path, 'aclEnabled')} is not true "
+                "(the extension applies ACLs only when it is)",
+                extension="KeyVaultForLinux 3.0 applies them only when aclEnabled is true; 4.x "
+                "always applies them",
+                kvcertsync="does not apply them until aclEnabled is true",
             )
         symlink = self.opt_text(item, path, "customSymbolicLinkName")
         if symlink is not None:
             problem = _symlink_problem(symlink)
             if problem is not None:
-                raise SettingsError(problem, _join(path, "customSymbolicLinkName"))
+                raise _error("symlink-name", problem, _join(path, "customSymbolicLinkName"))
         return _build(
             path,
             ObservedCertificate,
@@ -748,19 +1102,37 @@ class _Parser:
 
     def uri(self, value: object, path: str) -> SecretUri:
         if not isinstance(value, str):
-            raise SettingsError(f"expected a secret URL string, got {_got(value)}", path)
+            raise _error("wrong-type", f"expected a secret URL string, got {_got(value)}", path)
         try:
-            return SecretUri.parse(value, allow_any_host=self.allow_any_host)
+            uri = SecretUri.parse(value, allow_any_host=self.allow_any_host)
         except SecretUriError as exc:
-            raise SettingsError(f"invalid secret URL: {exc}", path) from None
+            text = str(exc)
+            code = (
+                "keyless-url"
+                if "carries no private key" in text
+                else "vault-host"
+                if "not a Key Vault host" in text
+                else "secret-url"
+            )
+            raise _error(code, f"invalid secret URL: {text}", path) from None
+        if self.allow_any_host and not uri.hostname.endswith(VAULT_DNS_SUFFIXES):
+            self.note(
+                "non-azure-host",
+                path,
+                f"{path}: {uri.hostname} is not an Azure Key Vault host",
+                extension="accepts only Azure Key Vault hosts (<vault>.vault.azure.net and the "
+                "sovereign clouds' equivalents)",
+                kvcertsync=f"reads from {uri.host}, as allowed (allow_any_host)",
+            )
+        return uri
 
     def acl(self, value: object, path: str) -> Acl:
         node = self.obj(value, path, example='{"user": "www-data", "group": "ssl-cert"}')
-        self.unknown_keys(path, node, _ACL_KEYS)
+        self.unknown_keys(path, node, _ACL_KEYS, "acl")
         user = self.opt_text(node, path, "user")
         group = self.opt_text(node, path, "group")
         if user is None and group is None:
-            raise SettingsError('expected "user", "group" or both', path)
+            raise _error("acl-entry", 'expected "user", "group" or both', path)
         return Acl(user, group)
 
     def override(self, item: Mapping[str, Any], path: str) -> str | None:
@@ -769,7 +1141,7 @@ class _Parser:
         if value is None:
             return None
         node = self.obj(value, path, example='{"msiClientId": "<client id>"}')
-        self.unknown_keys(path, node, _OVERRIDE_KEYS)
+        self.unknown_keys(path, node, _OVERRIDE_KEYS, "override")
         return self.opt_text(node, path, "msiClientId")
 
     def authentication(self, root: str, doc: Mapping[str, Any]) -> tuple[str | None, str | None]:
@@ -778,15 +1150,16 @@ class _Parser:
         if value is None:
             return None, None
         node = self.obj(value, path)
-        self.unknown_keys(path, node, _AUTH_KEYS)
+        self.unknown_keys(path, node, _AUTH_KEYS, "auth")
         endpoint = self.opt_text(node, path, "msiEndpoint")
         client_id = self.opt_text(node, path, "msiClientId")
         if endpoint is not None:
             problem = _endpoint_problem(endpoint)
             if problem is not None:
-                raise SettingsError(problem, _join(path, "msiEndpoint"))
+                raise _error("msi-endpoint", problem, _join(path, "msiEndpoint"))
         elif client_id is not None:
-            raise SettingsError(
+            raise _error(
+                "msi-endpoint-required",
                 f"required when msiClientId is set (for most Azure VMs: {_IMDS_EXAMPLE!r}; "
                 "Azure Arc: 'http://localhost:40342/metadata/identity')",
                 _join(path, "msiEndpoint"),
@@ -799,40 +1172,82 @@ class _Parser:
         if value is None:
             return None
         node = self.obj(value, path)
-        self.unknown_keys(path, node, _LOGGING_KEYS)
+        self.unknown_keys(path, node, _LOGGING_KEYS, "logging")
         fields = {key: self.opt_text(node, path, key, allow_empty=True) for key in _LOGGING_KEYS}
-        return LoggingSettings(**fields)
+        settings = LoggingSettings(**fields)
+        target = " at ".join(
+            repr(v) for v in (settings.logger or "fluentd", settings.endpoint) if v
+        )
+        self.note(
+            "logging-settings",
+            path,
+            f"{path}: not honoured by kvcertsync",
+            extension=f"KeyVaultForLinux 3.0 and later forward their logs to {target}",
+            kvcertsync="logs to stderr or --log-file; --log-format json gives a log shipper one "
+            "object per line",
+        )
+        return settings
 
     # field helpers: each names its JSON path in any error
 
     def obj(self, value: object, path: str, example: str | None = None) -> Mapping[str, Any]:
         if not isinstance(value, Mapping):
             hint = f" such as {example}" if example else ""
-            raise SettingsError(f"expected an object{hint}, got {_got(value)}", path)
+            raise _error("wrong-type", f"expected an object{hint}, got {_got(value)}", path)
         for key in value:
             if not isinstance(key, str):
-                raise SettingsError(f"object keys must be strings, got {_got(key)}", path)
+                raise _error("wrong-type", f"object keys must be strings, got {_got(key)}", path)
         return value
 
-    def unknown_keys(self, path: str, node: Mapping[str, Any], known: tuple[str, ...]) -> None:
+    def home(self, key: str, level: str, path: str) -> str | None:
+        """Where ``key`` is read, when it is known at another level than ``level``."""
+        sms, root = self.sms_path, self.root
+        if key in _SMS_KEYS and level != "sms":
+            return _join(sms, key)
+        if key in _TOP_KEYS and level != "top":
+            return f"{_join(root, key)}, at the top level beside {_SMS}"
+        if key == "msiClientId" and level == "cert":
+            return _join(_join(path, "authenticationOverride"), key)
+        if key in _AUTH_KEYS and level != "auth":
+            return _join(_join(root, _AUTH), key)
+        if key in _CERT_KEYS and level in ("top", "sms"):
+            return f"{_join(sms, 'observedCertificates')}[...].{key}, in each certificate object"
+        if key in _LOGGING_KEYS and level != "logging":
+            return _join(_join(root, _LOGGING), key)
+        if key in _ACL_KEYS and level == "cert":
+            return f"{_join(path, 'acls')}[...].{key}"
+        return None
+
+    def unknown_keys(
+        self, path: str, node: Mapping[str, Any], known: tuple[str, ...], level: str
+    ) -> None:
         for key in node:
             if key in known:
                 continue
-            message = f"{_join(path, key)}: unknown key, ignored"
+            key_path = _join(path, key)
+            home = self.home(key, level, path)
+            if home is not None:
+                self.warn(
+                    "misplaced-key",
+                    key_path,
+                    f"{key_path}: not read here, ignored (did you mean {home}?)",
+                    extension=f"reads {key} only there: this one has no effect",
+                    kvcertsync="ignores it too",
+                )
+                continue
+            message = f"{key_path}: unknown key, ignored"
             close = difflib.get_close_matches(key, known, n=1) or [
                 k for k in known if k.lower() == key.lower()
             ]
             if close:
                 message += f" (did you mean {close[0]!r}?)"
-            elif key == _LOGGING and path.endswith(_SMS):
-                message += f" ({_LOGGING} belongs at the top level, beside {_SMS})"
-            self.warn(message)
+            self.warn("unknown-key", key_path, message)
 
     def text(self, value: object, path: str, allow_empty: bool = False) -> str:
         if not isinstance(value, str):
-            raise SettingsError(f"expected a string, got {_got(value)}", path)
+            raise _error("wrong-type", f"expected a string, got {_got(value)}", path)
         if not allow_empty and not value.strip():
-            raise SettingsError("expected a non-empty string", path)
+            raise _error("wrong-type", "expected a non-empty string", path)
         return value
 
     def opt_text(
@@ -847,7 +1262,7 @@ class _Parser:
         if location is not None:
             problem = _store_location_problem(location)
             if problem is not None:
-                raise SettingsError(problem, _join(path, key))
+                raise _error("store-location", problem, _join(path, key))
         return location
 
     def opt_bool(self, node: Mapping[str, Any], path: str, key: str, default: bool) -> bool:
@@ -856,14 +1271,21 @@ class _Parser:
             return default
         if isinstance(value, bool):
             return value
+        key_path = _join(path, key)
         if isinstance(value, str) and value.strip().lower() in _BOOL_STRINGS:
             # The extension's own documentation shows "keyExportable": "false"; accept it.
+            parsed = _BOOL_STRINGS[value.strip().lower()]
             self.warn(
-                f"{_join(path, key)}: boolean written as string {value!r}; use {value.lower()}"
+                "boolean-string",
+                key_path,
+                f"{key_path}: boolean written as string {value!r}; use {value.lower()}",
+                extension="types it as a JSON boolean: a string is not one (its Windows page "
+                'shows "keyExportable": "false" all the same)',
+                kvcertsync=f"reads it as {str(parsed).lower()}",
             )
-            return _BOOL_STRINGS[value.strip().lower()]
-        raise SettingsError(
-            f"expected a boolean (true or false), got {_got(value)}", _join(path, key)
+            return parsed
+        raise _error(
+            "wrong-type", f"expected a boolean (true or false), got {_got(value)}", key_path
         )
 
     def opt_list(
@@ -878,7 +1300,7 @@ class _Parser:
         if value is None:
             return ()
         if not isinstance(value, list | tuple):
-            raise SettingsError(f"expected an array, got {_got(value)}", path)
+            raise _error("wrong-type", f"expected an array, got {_got(value)}", path)
         return tuple(item(entry, _item(path, index)) for index, entry in enumerate(value))
 
 
@@ -933,10 +1355,10 @@ def load_settings(path: str | os.PathLike[str], *, allow_any_host: bool = False)
         with open(name, "rb") as handle:
             data = handle.read()
     except FileNotFoundError:
-        raise SettingsError(f"settings file not found: {name}") from None
+        raise _error("file", f"settings file not found: {name}") from None
     except OSError as exc:
-        raise SettingsError(f"cannot read settings file {name}: {exc.strerror or exc}") from None
+        raise _error("file", f"cannot read settings file {name}: {exc.strerror or exc}") from None
     try:
         return parse_settings(data, allow_any_host=allow_any_host)
     except SettingsError as exc:
-        raise SettingsError(f"{_message(exc)} (in {name})", exc.path) from None
+        raise located(exc, name) from None

@@ -77,8 +77,11 @@ class SecretUri:
         if suffix is None:
             raise SecretUriError(
                 f"{raw!r}: {hostname!r} is not a Key Vault host (expected <vault>"
-                f"{VAULT_DNS_SUFFIXES[0]} or a sovereign-cloud equivalent; "
-                "pass allow_any_host=True for private endpoints)"
+                f"{VAULT_DNS_SUFFIXES[0]} or a sovereign-cloud equivalent, a name private "
+                "endpoints keep too; to reach an emulator or a proxy under that name, redirect "
+                "the connection: --redirect on kvcertsync's command line, redirect= in "
+                "KeyVaultSource; to accept any host: --allow-any-host on the command line, "
+                "allow_any_host=True in Python)"
             )
         vault = hostname[: -len(suffix)]
         if not (3 <= len(vault) <= 24 and _VAULT_NAME.fullmatch(vault)) or "--" in vault:

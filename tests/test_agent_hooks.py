@@ -269,3 +269,96 @@ async def test_once_runs_the_hooks_of_the_changes_it_made(
     assert (await second.wait_exit(30))[0] == 0
     (run,) = runs(out)
     assert run["KVCERTSYNC_URI"] == WEB and run["KVCERTSYNC_PREVIOUS_VERSION"]
+
+
+async def test_run_serves_metrics_that_match_the_installed_certificate_and_count_hooks(
+    kv: LocalKeyVault, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from kvcertsync.material import CertificateMaterial
+
+    document = settings_document(kv, ["web"], tmp_path / "certs", interval=1)
+    agent = start(
+        agents,
+        kv,
+        tmp_path,
+        document,
+        "--metrics-address",
+        "127.0.0.1:0",
+        "--on-change",
+        "exit 1",
+        "--hook-batch",
+        "0",
+    )
+    await agent.wait_phase("success")
+    kv.rotate("demo", "web")
+    await agent.wait_phase("warning")  # the hook failed: counted below
+    line = next(x for x in agent.log_text().splitlines() if "serving metrics at " in x)
+    url = line.split("serving metrics at ")[1].strip()
+    assert url.startswith("http://127.0.0.1:")
+    import urllib.request
+
+    def scrape() -> str:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return str(reply.read().decode())
+
+    text = await anyio.to_thread.run_sync(scrape)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    web = CertificateMaterial.from_secret((tmp_path / "certs" / "demo.web").read_bytes())
+    labels = (("name", "web"), ("uri", WEB), ("vault", "demo"))
+    assert samples[("kvcertsync_certificate_not_after_timestamp_seconds", labels)] == (
+        web.not_after.timestamp()
+    )
+    assert samples[("kvcertsync_hook_runs_total", (("hook", "exit 1"),))] == 1
+    assert samples[("kvcertsync_hook_failures_total", (("hook", "exit 1"),))] == 1
+    assert samples[("kvcertsync_changes_total", ())] == 2
+    assert samples[("kvcertsync_initial_sync_done", ())] == 1
+    agent.send(signal.SIGTERM)
+    assert (await agent.wait_exit(5))[0] == 0
+
+
+async def test_a_taken_metrics_port_is_a_clear_start_error(
+    kv: LocalKeyVault, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        document = settings_document(kv, ["web"], tmp_path / "certs")
+        agent = start(agents, kv, tmp_path, document, "--metrics-address", str(port))
+        code, stderr = await agent.wait_exit(30)
+    assert code == 2
+    assert f"cannot serve metrics on {port}" in stderr and "Traceback" not in stderr
+
+
+async def test_allow_any_host_reaches_a_vault_outside_azure(
+    kv: LocalKeyVault, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    """A private DNS name or an emulator on localhost: no redirect, its own name."""
+    kv.import_certificate("localhost", "web", kv.authority.issue(["web.example"]))
+    document = settings_document(kv, [], tmp_path / "certs")
+    document["secretsManagementSettings"]["observedCertificates"] = [
+        {"url": f"{kv.local_url}/secrets/web", "certificateStoreLocation": str(tmp_path / "certs")}
+    ]
+    settings = tmp_path / "s.json"
+    settings.write_text(json.dumps(document))
+    refused = AgentProcess([str(settings), "--once", "--ca-file", kv.ca_file], tmp=tmp_path)
+    agents.append(refused)
+    assert (await refused.wait_exit(30))[0] == 2
+    assert "--allow-any-host on the command line" in refused.log_text()
+    (tmp_path / "2").mkdir()
+    allowed = AgentProcess(
+        [str(settings), "--once", "--ca-file", kv.ca_file],
+        tmp=tmp_path / "2",
+        env={"KVCERTSYNC_ALLOW_ANY_HOST": "1"},
+    )
+    agents.append(allowed)
+    assert (await allowed.wait_exit(30))[0] == 0, allowed.log_text()
+    assert (tmp_path / "certs" / "localhost.web").is_symlink()

@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 #: Environment variables that stand in for ``--ca-file`` and ``--redirect`` (for services).
 CA_FILE_ENV = "KVCERTSYNC_CA_FILE"
 REDIRECT_ENV = "KVCERTSYNC_REDIRECT"
+ALLOW_ANY_HOST_ENV = "KVCERTSYNC_ALLOW_ANY_HOST"
 # How old a status file may be before `status` says the agent looks dead (it rewrites each minute).
 _STALE = timedelta(minutes=5)
 
@@ -144,6 +145,19 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="a progress bar for the initial sync (default: on a terminal, with tqdm installed)",
     )
+    parser.add_argument(
+        "--allow-any-host",
+        action="store_true",
+        default=None,
+        help="accept vault hosts outside Azure's clouds (a private DNS name, an emulator; "
+        f"env {ALLOW_ANY_HOST_ENV}=1)",
+    )
+    parser.add_argument(
+        "--metrics-address",
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST 127.0.0.1 when only a "
+        "port is given; needs kvcertsync[metrics]); default: off",
+    )
     hooks = parser.add_argument_group("reload hooks (docs/hooks.md)")
     hooks.add_argument(
         "--on-change",
@@ -235,6 +249,8 @@ def agent_options(
     return AgentOptions(
         hooks=hooks,
         hooks_file=hooks_file,
+        metrics_address=args.metrics_address,
+        allow_any_host=bool(args.allow_any_host or env.get(ALLOW_ANY_HOST_ENV) == "1"),
         settings=args.settings,
         store=args.store,
         status_dir=Path(args.status_dir).absolute() if args.status_dir else None,
@@ -403,33 +419,203 @@ def _table(rows: list[list[str]]) -> None:
         print("  ".join([*cells, row[-1]]).rstrip())
 
 
-def check_command(args: argparse.Namespace) -> int:
-    """``kvcertsync check``: valid or not, where each certificate goes, what would fail here."""
+def _check_load(args: argparse.Namespace) -> Any:
+    """The settings ``check`` was given (``-``: stdin), errors naming where they came from."""
     if args.settings == "-":
+        from kvcertsync.settings import located
+
         try:
-            settings = parse_settings(sys.stdin.read())
+            return parse_settings(sys.stdin.buffer.read(), allow_any_host=args.allow_any_host)
         except SettingsError as exc:
-            raise SettingsError(f"{exc} (in <stdin>)") from None
-    else:
-        settings = load_settings(args.settings)
-    store: Store
+            raise located(exc, "<stdin>") from None
+    return load_settings(args.settings, allow_any_host=args.allow_any_host)
+
+
+def _check_store(args: argparse.Namespace, settings: Any) -> Store:
     if args.store == "windows" and sys.platform != "win32":
         # A pre-flight for a Windows VM from any machine: describe, never touch, the store.
         from kvcertsync.stores._fakewin import FakeWindowsCertBackend
 
-        store = WindowsCertStore.from_settings(settings, backend=FakeWindowsCertBackend())
-    else:
+        return WindowsCertStore.from_settings(settings, backend=FakeWindowsCertBackend())
+    try:
+        return store_from_spec(args.store, settings)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _check_vault_options(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> tuple[str | None, dict[str, str]]:
+    """``--ca-file`` and ``--redirect`` (or their environment variables), as run reads them."""
+    env = os.environ if environ is None else environ
+    ca_file = args.ca_file or env.get(CA_FILE_ENV) or None
+    redirects = list(args.redirect)
+    if not redirects and env.get(REDIRECT_ENV):
+        redirects = [env[REDIRECT_ENV]]
+    try:
+        if ca_file is not None:
+            _check_ca_file(ca_file)
+        return ca_file, parse_redirects(redirects)
+    except KvCertSyncError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _check_warning_lines(warning: Any) -> list[str]:
+    lines = [f"  warning: {warning}"]
+    if warning.extension is not None and warning.kvcertsync is not None:
+        versions = f" ({', '.join(f'{v}.x' for v in warning.versions)})" if warning.versions else ""
+        lines.append(f"    extension{versions}: {warning.extension}")
+        lines.append(f"    kvcertsync: {warning.kvcertsync}")
+    return lines
+
+
+class _ProbeProgress:
+    """Progress on many URLs, as run shows it: a tqdm bar on a terminal, else a line each 10 s."""
+
+    def __init__(self, total: int, enabled: bool | None, every: float = 10.0) -> None:
+        import time
+
+        self.total = total
+        self.done = 0
+        self.every = every
+        self._clock = time.monotonic
+        self._last = self._clock()
+        self._bar: Any = None
+        show_bar = sys.stderr.isatty() if enabled is None else enabled
+        if show_bar and total > 1:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                self._bar = tqdm(total=total, unit="cert", desc="probe", leave=False)
+
+    def __call__(self, result: Any) -> None:
+        self.done += 1
+        if self._bar is not None:
+            self._bar.update(1)
+        elif self._clock() - self._last >= self.every and self.done < self.total:
+            self._last = self._clock()
+            print(f"kvcertsync: probe: {self.done} of {self.total} certificates", file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _check_probe(
+    args: argparse.Namespace, settings: Any, ca_file: str | None, redirect: dict[str, str]
+) -> list[Any]:
+    import anyio
+
+    from kvcertsync.agent.probe import probe
+    from kvcertsync.sources.keyvault import KeyVaultSource
+
+    progress = _ProbeProgress(len(settings.observed), args.progress)
+
+    async def main() -> list[Any]:
+        source = KeyVaultSource.from_settings(settings, ca_file=ca_file, redirect=redirect)
+        async with source:
+            return await probe(settings, source, redirect=redirect, progress=progress)
+
+    try:
+        return anyio.run(main)
+    finally:
+        progress.close()
+
+
+def check_command(args: argparse.Namespace) -> int:
+    """``kvcertsync check``: valid or not, where each certificate goes, what would fail here.
+
+    Exit 0 when valid (and, with ``--probe``, every secret readable); 1 when invalid, when a
+    probe fails, or with ``--strict`` when anything is worth a warning; 2 for wrong options.
+    """
+    from kvcertsync.agent.preflight import collisions, machine_warnings, placement
+    from kvcertsync.settings import error_code
+
+    ca_file, redirect = _check_vault_options(args)
+    # The parser's warnings are part of the report below: not logged to stderr as well.
+    logging.getLogger("kvcertsync.settings").setLevel(logging.ERROR)
+    version: int | None = args.extension_version
+    name = "<stdin>" if args.settings == "-" else args.settings
+    report: dict[str, Any] = {
+        "file": name,
+        "valid": False,
+        "ok": False,
+        "strict": args.strict,
+        "extensionVersion": version,
+        "errors": [],
+        "warnings": [],
+        "settings": None,
+        "certificates": [],
+        "probe": None,
+    }
+    try:
+        settings = _check_load(args)
+    except SettingsError as exc:
+        if not args.json:
+            raise
+        report["errors"].append({"code": error_code(exc), "path": exc.path, "message": str(exc)})
+        print(json.dumps(report, indent=2))
+        return 1
+    store = _check_store(args, settings)
+    warnings = [
+        w
+        for w in (*settings.diagnostics, *machine_warnings(settings, store))
+        if w.applies_to(version)
+    ]
+    errors = [
+        {"code": "name-collision", "path": path, "message": f"{path}: {message}"}
+        for path, message in collisions(settings, store)
+    ]
+    report.update(
+        valid=not errors,
+        errors=errors,
+        warnings=[w.to_dict() for w in warnings],
+        settings=settings.to_dict(),
+        certificates=[
+            placement(settings, index, cert, store) for index, cert in enumerate(settings.observed)
+        ],
+    )
+    if not args.json:
+        if errors:
+            for error in errors:
+                print(f"kvcertsync: error: {error['message']} (in {name})", file=sys.stderr)
+        else:
+            print(f"{name}: valid")
+        for line in describe(settings, store):
+            print(line)
+        for warning in warnings:
+            if warning.kind != "machine":
+                print("\n".join(_check_warning_lines(warning)))
+        for problem in problems(settings, store):
+            print(f"  warning: {problem}")
+    failed = 0
+    if args.probe and not errors:
         try:
-            store = store_from_spec(args.store, settings)
-        except ValueError as exc:
-            raise KvCertSyncError(str(exc)) from None
-    print(f"{args.settings}: valid")
-    for line in describe(settings, store):
-        print(line)
-    found = problems(settings, store)
-    for warning in (*settings.warnings, *found):
-        print(f"  warning: {warning}")
-    return 0
+            results = _check_probe(args, settings, ca_file, redirect)
+        except KeyboardInterrupt:
+            print("kvcertsync: probe interrupted", file=sys.stderr)
+            return 130
+        failed = sum(not result.ok for result in results)
+        report["probe"] = {
+            "ok": not failed,
+            "failed": failed,
+            "results": [result.to_dict() for result in results],
+        }
+        if not args.json:
+            read = f"{len(results)} certificate{'' if len(results) == 1 else 's'}"
+            print(f"probe: {read} read, {failed} failed")
+            for result in results:
+                print("\n".join(result.lines()))
+    strict_failure = args.strict and bool(warnings)
+    report["ok"] = not errors and not failed and not strict_failure
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif strict_failure:
+        count = f"{len(warnings)} warning{'s' if len(warnings) != 1 else ''}"
+        print(f"kvcertsync: check failed: {count}, and --strict", file=sys.stderr)
+    return 0 if report["ok"] else 1
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -498,10 +684,46 @@ def service_command(args: argparse.Namespace) -> int:
 def add_commands(commands: Any) -> None:
     """Add ``check``, ``run``, ``status`` and ``service`` to the ``kvcertsync`` parser."""
     check = commands.add_parser(
-        "check", help="validate a Key Vault VM extension settings file and show what it does here"
+        "check",
+        help="validate a Key Vault VM extension settings file, show what it does here, warn "
+        "where the extension would behave differently (--probe: read each secret once)",
     )
     check.add_argument("settings", help="path to the extension settings JSON (- reads stdin)")
     check.add_argument("--store", metavar="SPEC", help=f"as for run: {STORE_FORMS}")
+    check.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result as one JSON object: valid, errors, warnings, the normalised "
+        "settings, where each certificate goes (and the probe's results)",
+    )
+    check.add_argument("--strict", action="store_true", help="exit 1 on any warning too (for CI)")
+    check.add_argument(
+        "--extension-version",
+        type=int,
+        choices=(1, 2, 3, 4),
+        metavar="MAJOR",
+        help="warn only about differences from this major version of the extension (1, 2, 3 "
+        "or 4; default: every version)",
+    )
+    check.add_argument(
+        "--probe",
+        action="store_true",
+        help="also get a token with the configured identity and read each secret once "
+        "(nothing is installed); exit 1 if any cannot be read",
+    )
+    check.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a progress bar for --probe (default: on a terminal, with tqdm installed)",
+    )
+    check.add_argument(
+        "--allow-any-host",
+        action="store_true",
+        help="accept vault hosts outside Azure Key Vault's domains (an emulator, a proxy); "
+        "each is warned about, since the extension refuses them",
+    )
+    _vault_options(check)
     check.set_defaults(func=check_command)
 
     run = commands.add_parser(

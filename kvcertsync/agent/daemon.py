@@ -95,6 +95,10 @@ class AgentOptions:
     hooks: HookConfig = attrs.field(factory=HookConfig)
     #: A hook file, read at start and on every reload.
     hooks_file: Path | None = None
+    #: Serve Prometheus metrics here (``HOST:PORT`` or ``PORT``), or nowhere.
+    metrics_address: str | None = None
+    #: Accept vault hosts outside Azure's clouds (a private DNS name, an emulator).
+    allow_any_host: bool = False
 
 
 class Agent:
@@ -202,7 +206,7 @@ class Agent:
             sequence = options.handler.sequence_number({} if reload else None)
             path = options.handler.settings_file(sequence)
             try:
-                settings = load_settings(path)
+                settings = load_settings(path, allow_any_host=options.allow_any_host)
             except SettingsError as exc:
                 exc.sequence = sequence  # type: ignore[attr-defined]
                 raise
@@ -213,10 +217,10 @@ class Agent:
         if options.settings == "-":
             if self._stdin_text is None:
                 self._stdin_text = sys.stdin.read()
-                return parse_settings(self._stdin_text), None
+                return parse_settings(self._stdin_text, allow_any_host=options.allow_any_host), None
             raise SettingsError("the settings came from stdin: there is nothing to re-read")
         assert options.settings is not None
-        return load_settings(options.settings), None
+        return load_settings(options.settings, allow_any_host=options.allow_any_host), None
 
     def _build(self, settings: AgentSettings) -> CertSync:
         options = self.options
@@ -285,7 +289,26 @@ class Agent:
         self._announce(settings)
         sync.subscribe(self._changed)
         sync.subscribe(self._for_hooks, CertificateUpdated, InitialSyncCompleted)
-        return await self._serve(sync)
+        metrics = None
+        if self.options.metrics_address is not None:
+            from kvcertsync.agent.metrics import start_metrics_server
+
+            try:
+                metrics = await anyio.to_thread.run_sync(
+                    functools.partial(
+                        start_metrics_server,
+                        self.options.metrics_address,
+                        sync,
+                        hooks=self.reloads.stats,
+                    )
+                )
+            except KvCertSyncError as exc:
+                return await self._failed_start(exc)
+        try:
+            return await self._serve(sync)
+        finally:
+            if metrics is not None:
+                await anyio.to_thread.run_sync(metrics.close, abandon_on_cancel=True)
 
     def _read_hooks(self) -> HookConfig:
         path = self.options.hooks_file

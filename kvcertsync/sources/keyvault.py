@@ -34,7 +34,7 @@ from kvcertsync.errors import (
 )
 from kvcertsync.sources.base import SecretVersion
 from kvcertsync.sources.redirect import RedirectResolver
-from kvcertsync.uri import SecretUri
+from kvcertsync.uri import VAULT_DNS_SUFFIXES, SecretUri
 
 if TYPE_CHECKING:
     from kvcertsync.settings import AgentSettings
@@ -239,6 +239,10 @@ class KeyVaultSource:
             }
             if self._api_version is not None:
                 options["api_version"] = self._api_version
+            if not uri.hostname.endswith(VAULT_DNS_SUFFIXES):
+                # A host outside Azure's clouds was accepted on purpose (allow_any_host): the
+                # challenge still names vault.azure.net, which such a host cannot match.
+                options["verify_challenge_resource"] = False
             client = SecretClient(uri.vault_url, credential, **options)
             self._clients[key] = client
         return client
