@@ -90,7 +90,11 @@ async def run_command(
         except BaseException:
             # A timed-out hook: kill what it started too (a shell's children survive its death).
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+                if sys.platform == "win32":
+                    # No process groups to signal there: the hook itself is ended.
+                    process.kill()
+                else:
+                    os.killpg(process.pid, signal.SIGKILL)
             raise
     return returncode, tail.decode(errors="replace").strip()
 
