@@ -949,8 +949,7 @@ class _Parser:
 
     def entry_forms(self, path: str, strings: list[int], objects: list[int]) -> None:
         if strings:
-            first = _item(path, strings[0])
-            more = f" (and {len(strings) - 1} more)" if len(strings) > 1 else ""
+            first, more = _first_of(path, strings)
             self.note(
                 "url-string-entry",
                 first,
@@ -961,8 +960,7 @@ class _Parser:
                 versions=(4,),
             )
         if objects:
-            first = _item(path, objects[0])
-            more = f" (and {len(objects) - 1} more)" if len(objects) > 1 else ""
+            first, more = _first_of(path, objects)
             self.note(
                 "object-entry",
                 first,
@@ -1302,6 +1300,12 @@ class _Parser:
         if not isinstance(value, list | tuple):
             raise _error("wrong-type", f"expected an array, got {_got(value)}", path)
         return tuple(item(entry, _item(path, index)) for index, entry in enumerate(value))
+
+
+def _first_of(path: str, indices: list[int]) -> tuple[str, str]:
+    """The JSON path of the first of ``indices`` in ``path``, and " (and N more)"."""
+    more = f" (and {len(indices) - 1} more)" if len(indices) > 1 else ""
+    return _item(path, indices[0]), more
 
 
 def _message(exc: SettingsError) -> str:

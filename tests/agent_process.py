@@ -8,11 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 
 from kvcertsync.emulator import LocalKeyVault
 
@@ -212,3 +213,32 @@ def write_handler_environment(handler: Path) -> Path:
     name = "Microsoft.Azure.KeyVault.KeyVaultForLinux"
     path.write_text(json.dumps([{"name": name, "version": 1.0, "handlerEnvironment": environment}]))
     return path
+
+
+@pytest.fixture(name="kv")
+async def agent_vault_fixture() -> AsyncIterator[LocalKeyVault]:
+    """An emulator with vault "demo": ``web`` (PKCS#12) and ``api`` (PEM)."""
+    async with LocalKeyVault() as vault:
+        vault.import_certificate("demo", "web", vault.authority.issue(["web.example"]))
+        vault.import_certificate(
+            "demo", "api", vault.authority.issue(["api.example"]), "application/x-pem-file"
+        )
+        yield vault
+
+
+@pytest.fixture(name="agents")
+def agents_fixture() -> Iterator[list[AgentProcess]]:
+    """Agents a test starts; every one (and whatever it started) is killed at the end."""
+    started: list[AgentProcess] = []
+    yield started
+    for agent in started:
+        agent.kill()
+
+
+def start_agent(
+    agents: list[AgentProcess], kv: LocalKeyVault, tmp: Path, *args: str, **kwargs: Any
+) -> AgentProcess:
+    """``kvcertsync run ARGS`` pointed at ``kv`` (the emulator options appended), recorded."""
+    agent = AgentProcess([*args, *emulator_options(kv)], tmp=tmp, **kwargs)
+    agents.append(agent)
+    return agent

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,14 @@ import anyio
 import pytest
 
 from kvcertsync.emulator import LocalKeyVault
-from tests.agent_process import AgentProcess, emulator_options, settings_document, substatus
+from tests.agent_process import (
+    AgentProcess,
+    agent_vault_fixture,  # noqa: F401  (the "kv" fixture)
+    agents_fixture,  # noqa: F401  (the "agents" fixture)
+    settings_document,
+    start_agent,
+    substatus,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -30,22 +36,6 @@ def record(out: Path) -> str:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture
-async def kv() -> AsyncIterator[LocalKeyVault]:
-    async with LocalKeyVault() as vault:
-        vault.import_certificate("demo", "web", vault.authority.issue(["web.example"]))
-        vault.import_certificate("demo", "api", vault.authority.issue(["api.example"]))
-        yield vault
-
-
-@pytest.fixture
-def agents() -> AsyncIterator[list[AgentProcess]]:
-    started: list[AgentProcess] = []
-    yield started  # type: ignore[misc]
-    for agent in started:
-        agent.kill()
 
 
 def runs(path: Path) -> list[dict[str, str]]:
@@ -71,9 +61,7 @@ def start(
 ) -> AgentProcess:
     settings = tmp / "settings.json"
     settings.write_text(json.dumps(document))
-    agent = AgentProcess([str(settings), *args, *emulator_options(kv)], tmp=tmp)
-    agents.append(agent)
-    return agent
+    return start_agent(agents, kv, tmp, str(settings), *args)
 
 
 async def test_two_certificates_rotated_together_give_one_run_listing_both(

@@ -10,7 +10,6 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,11 @@ from kvcertsync.material import CertificateMaterial
 from tests.agent_process import (
     KVCERTSYNC,
     AgentProcess,
+    agent_vault_fixture,  # noqa: F401  (the "kv" fixture)
+    agents_fixture,  # noqa: F401  (the "agents" fixture)
     emulator_options,
     settings_document,
+    start_agent,
     substatus,
     write_handler_environment,
 )
@@ -48,35 +50,9 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture
-async def kv() -> AsyncIterator[LocalKeyVault]:
-    async with LocalKeyVault() as vault:
-        vault.import_certificate("demo", "web", vault.authority.issue(["web.example"]))
-        vault.import_certificate(
-            "demo", "api", vault.authority.issue(["api.example"]), "application/x-pem-file"
-        )
-        yield vault
-
-
-@pytest.fixture
-def agents() -> AsyncIterator[list[AgentProcess]]:
-    started: list[AgentProcess] = []
-    yield started  # type: ignore[misc]
-    for agent in started:
-        agent.kill()
-
-
 def write_settings(path: Path, document: dict[str, Any]) -> Path:
     path.write_text(json.dumps(document))
     return path
-
-
-def start(
-    agents: list[AgentProcess], kv: LocalKeyVault, tmp: Path, *args: str, **kwargs: Any
-) -> AgentProcess:
-    agent = AgentProcess([*args, *emulator_options(kv)], tmp=tmp, **kwargs)
-    agents.append(agent)
-    return agent
 
 
 async def test_transitioning_then_success_then_a_clean_stop(
@@ -87,7 +63,7 @@ async def test_transitioning_then_success_then_a_clean_stop(
         tmp_path / "settings.json", settings_document(kv, ["web", "api"], certs)
     )
     kv.latency(1.5)  # the initial sync takes a while: long enough to see it transitioning
-    agent = start(agents, kv, tmp_path, str(settings))
+    agent = start_agent(agents, kv, tmp_path, str(settings))
     first = await agent.wait_status(lambda s: True)
     assert first["status"]["status"] == "transitioning"
     assert first["status"]["formattedMessage"]["message"].startswith("initial sync: 0 of 2")
@@ -119,7 +95,7 @@ async def test_an_initial_sync_that_cannot_succeed_stays_transitioning_and_stops
     settings = write_settings(
         tmp_path / "settings.json", settings_document(kv, ["web"], tmp_path / "certs")
     )
-    agent = start(agents, kv, tmp_path, str(settings))
+    agent = start_agent(agents, kv, tmp_path, str(settings))
     status = await agent.wait_status(lambda s: substatus(s)[WEB]["status"] == "error")
     assert status["status"]["status"] == "transitioning"
     assert "ForbiddenByRbac" in substatus(status)[WEB]["formattedMessage"]["message"]
@@ -138,7 +114,7 @@ async def test_error_once_initial_attempts_are_used_up_then_success_when_access_
         tmp_path / "settings.json",
         settings_document(kv, ["web"], tmp_path / "certs", interval=1),
     )
-    agent = start(agents, kv, tmp_path, str(settings), "--initial-attempts", "2")
+    agent = start_agent(agents, kv, tmp_path, str(settings), "--initial-attempts", "2")
     status = await agent.wait_phase("error")
     assert status["status"]["code"] != 0
     assert "initial sync failed" in status["status"]["formattedMessage"]["message"]
@@ -155,7 +131,7 @@ async def test_warning_when_a_certificate_starts_failing_later(
         tmp_path / "settings.json",
         settings_document(kv, ["web", "api"], tmp_path / "certs", interval=1),
     )
-    agent = start(agents, kv, tmp_path, str(settings))
+    agent = start_agent(agents, kv, tmp_path, str(settings))
     await agent.wait_phase("success")
     kv.disable("demo", "api")
     status = await agent.wait_phase("warning")
@@ -176,7 +152,7 @@ async def test_sighup_adds_and_removes_certificates_and_keeps_state(
     certs, elsewhere = tmp_path / "certs", tmp_path / "elsewhere"
     document = settings_document(kv, ["web", "api", "moved"], certs)
     settings = write_settings(tmp_path / "s.json", document)
-    agent = start(agents, kv, tmp_path, str(settings))
+    agent = start_agent(agents, kv, tmp_path, str(settings))
     await agent.wait_phase("success")
     installed_web = (certs / "demo.web").resolve()
     document = settings_document(kv, ["web", "new", "moved"], certs, interval=1)
@@ -213,7 +189,7 @@ async def test_sighup_with_a_broken_file_keeps_the_running_set(
     settings = write_settings(
         tmp_path / "s.json", settings_document(kv, ["web"], tmp_path / "certs", interval=1)
     )
-    agent = start(agents, kv, tmp_path, str(settings))
+    agent = start_agent(agents, kv, tmp_path, str(settings))
     await agent.wait_phase("success")
     settings.write_text('{"secretsManagementSettings": {"observedCertificates": [')
     agent.send(signal.SIGHUP)
@@ -231,13 +207,13 @@ async def test_once_exits_0_when_all_current_and_1_with_a_reason_otherwise(
     certs = tmp_path / "certs"
     settings = write_settings(tmp_path / "s.json", settings_document(kv, ["web", "api"], certs))
     (tmp_path / "ok").mkdir()
-    ok = start(agents, kv, tmp_path / "ok", str(settings), "--once")
+    ok = start_agent(agents, kv, tmp_path / "ok", str(settings), "--once")
     assert (await ok.wait_exit(30))[0] == 0
     assert (certs / "demo.web").exists() and (certs / "demo.api").exists()
 
     kv.disable("demo", "api")
     (tmp_path / "bad").mkdir()
-    bad = start(agents, kv, tmp_path / "bad", str(settings), "--once")
+    bad = start_agent(agents, kv, tmp_path / "bad", str(settings), "--once")
     code, _ = await bad.wait_exit(30)
     assert code == 1
     reasons = [line for line in bad.log_text().splitlines() if " ERROR " in line]
@@ -250,7 +226,7 @@ async def test_settings_from_stdin(
     kv: LocalKeyVault, tmp_path: Path, agents: list[AgentProcess]
 ) -> None:
     document = settings_document(kv, ["web"], tmp_path / "certs")
-    agent = start(agents, kv, tmp_path, "-", "--once", stdin=json.dumps(document).encode())
+    agent = start_agent(agents, kv, tmp_path, "-", "--once", stdin=json.dumps(document).encode())
     assert (await agent.wait_exit(30))[0] == 0
     assert (tmp_path / "certs" / "demo.web").exists()
 
@@ -260,7 +236,7 @@ async def test_invalid_settings_exit_2_naming_the_file_and_path(
 ) -> None:
     settings = tmp_path / "s.json"
     settings.write_text('{"secretsManagementSettings": {"pollingIntervalInS": "often"}}')
-    agent = start(agents, kv, tmp_path, str(settings))
+    agent = start_agent(agents, kv, tmp_path, str(settings))
     code, stderr = await agent.wait_exit(30)
     assert code == 2
     log = agent.log_text()
@@ -288,7 +264,7 @@ async def test_handler_mode_reads_the_envelope_and_writes_status_and_heartbeat(
             ]
         }
         (handler / "config" / f"{number}.settings").write_text(json.dumps(envelope))
-    agent = start(
+    agent = start_agent(
         agents, kv, tmp_path, "--handler-environment", str(handler / "HandlerEnvironment.json")
     )
     agent.log = handler / "logs" / "kvcertsync.log"  # the handler's log folder, by default
@@ -311,7 +287,7 @@ async def test_json_logs_parse_and_hold_no_secret(
     settings = write_settings(
         tmp_path / "s.json", settings_document(kv, ["web", "api"], tmp_path / "certs", interval=1)
     )
-    agent = start(
+    agent = start_agent(
         agents, kv, tmp_path, str(settings), "--log-format", "json", "--log-level", "debug"
     )
     await agent.wait_phase("success")
@@ -380,7 +356,9 @@ async def start_hung_in_an_install(
     document["secretsManagementSettings"]["observedCertificates"][0]["acls"] = [{"user": "root"}]
     settings = write_settings(tmp / "s.json", document)
     env = {"PATH": f"{fake_bin}:{os.environ['PATH']}"}
-    agent = start(agents, kv, tmp, str(settings), "--stop-timeout", str(stop_timeout), env=env)
+    agent = start_agent(
+        agents, kv, tmp, str(settings), "--stop-timeout", str(stop_timeout), env=env
+    )
     with anyio.fail_after(30):
         while not marker.exists():
             agent.assert_running()
@@ -450,7 +428,7 @@ async def test_systemd_ready_only_after_the_certificates_exist(
     kv.latency(2.5, vault="slow")  # READY must wait for the slowest, not the first
     env = {"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "900000"}
     try:
-        agent = start(agents, kv, tmp_path, str(settings), env=env)
+        agent = start_agent(agents, kv, tmp_path, str(settings), env=env)
         await listener.wait_for("STATUS")
         assert not any("READY" in m for m in listener.messages)
         index = await listener.wait_for("READY", "1")
@@ -482,7 +460,7 @@ async def test_status_command_reads_what_run_wrote(
     settings = write_settings(
         tmp_path / "s.json", settings_document(kv, ["web", "api"], tmp_path / "certs", interval=1)
     )
-    agent = start(agents, kv, tmp_path, str(settings))
+    agent = start_agent(agents, kv, tmp_path, str(settings))
     await agent.wait_phase("success")
     status = await anyio.run_process(
         [*KVCERTSYNC, "status", "--status-dir", str(agent.status_dir)], check=False
@@ -520,7 +498,7 @@ async def test_a_long_initial_sync_shows_a_progress_bar(
 ) -> None:
     settings = many_certificates(kv, tmp_path, 12)
     kv.latency(0.5)
-    agent = start(agents, kv, tmp_path, str(settings), "--progress")
+    agent = start_agent(agents, kv, tmp_path, str(settings), "--progress")
     await agent.wait_phase("success")
     agent.send(signal.SIGTERM)
     code, stderr = await agent.wait_exit(5)
@@ -666,7 +644,7 @@ async def test_a_stop_at_any_moment_of_start_up_is_clean(
     signum: int,
 ) -> None:
     settings = write_settings(tmp_path / "s.json", settings_document(kv, ["web"], tmp_path / "c"))
-    agent = start(agents, kv, tmp_path, str(settings))
+    agent = start_agent(agents, kv, tmp_path, str(settings))
     # From the instant it can catch signals: mid-import, mid-settings, mid-sync, wherever.
     # (SIGTERM: Python itself catches SIGINT from before it has imported anything.)
     await agent.wait_catching(signal.SIGTERM)
@@ -681,7 +659,7 @@ async def test_an_early_sighup_does_not_kill(
     kv: LocalKeyVault, tmp_path: Path, agents: list[AgentProcess]
 ) -> None:
     settings = write_settings(tmp_path / "s.json", settings_document(kv, ["web"], tmp_path / "c"))
-    agent = start(agents, kv, tmp_path, str(settings))
+    agent = start_agent(agents, kv, tmp_path, str(settings))
     await agent.wait_catching(signal.SIGHUP)
     agent.send(signal.SIGHUP)
     await agent.wait_phase("success")
@@ -706,7 +684,7 @@ async def test_a_stop_during_a_reload_stuck_on_a_fifo_is_clean(
     kv: LocalKeyVault, tmp_path: Path, agents: list[AgentProcess]
 ) -> None:
     settings = write_settings(tmp_path / "s.json", settings_document(kv, ["web"], tmp_path / "c"))
-    agent = start(agents, kv, tmp_path, str(settings))
+    agent = start_agent(agents, kv, tmp_path, str(settings))
     await agent.wait_phase("success")
     settings.unlink()
     os.mkfifo(settings)  # a reload would wait forever for a writer
@@ -754,7 +732,7 @@ async def test_the_status_file_is_readable_whatever_the_umask(
     kv: LocalKeyVault, tmp_path: Path, agents: list[AgentProcess]
 ) -> None:
     settings = write_settings(tmp_path / "s.json", settings_document(kv, ["web"], tmp_path / "c"))
-    agent = start(agents, kv, tmp_path, str(settings), umask=0o077)  # systemd's UMask=0077
+    agent = start_agent(agents, kv, tmp_path, str(settings), umask=0o077)  # systemd's UMask=0077
     await agent.wait_phase("success")
     assert stat.S_IMODE(agent.status_file.stat().st_mode) == 0o644
     assert stat.S_IMODE(agent.status_dir.stat().st_mode) == 0o755
@@ -779,7 +757,7 @@ async def test_a_refused_handler_reload_says_error_for_that_sequence(
     handler = env_file.parent
     # The VM agent started it for sequence 0; a reload still finds the newer ones.
     env = {"ConfigSequenceNumber": "0"}
-    agent = start(agents, kv, tmp_path, "--handler-environment", str(env_file), env=env)
+    agent = start_agent(agents, kv, tmp_path, "--handler-environment", str(env_file), env=env)
     agent.log = handler / "logs" / "kvcertsync.log"
     await agent.wait_phase("success", path=handler / "status" / "0.status")
     (handler / "config" / "1.settings").write_text("{broken")
@@ -813,7 +791,7 @@ async def test_a_handler_that_cannot_start_says_why_in_its_status_file(
     env_file = handler_with_settings(kv, tmp_path, ["web"])
     handler = env_file.parent
     (handler / "config" / "0.settings").write_text('{"runtimeSettings": [{"handlerSettings": {}}]}')
-    agent = start(
+    agent = start_agent(
         agents,
         kv,
         tmp_path,

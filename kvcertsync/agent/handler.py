@@ -23,7 +23,12 @@ import attrs
 
 from kvcertsync.errors import SettingsError
 
-__all__ = ["HANDLER_ENVIRONMENT", "HandlerEnvironment", "find_handler_environment"]
+__all__ = [
+    "HANDLER_ENVIRONMENT",
+    "HandlerEnvironment",
+    "find_handler_environment",
+    "read_json_file",
+]
 
 #: The file name the VM agent gives the handler's environment.
 HANDLER_ENVIRONMENT: Final = "HandlerEnvironment.json"
@@ -45,14 +50,7 @@ class HandlerEnvironment:
     def load(cls, path: str | os.PathLike[str]) -> HandlerEnvironment:
         """Read HandlerEnvironment.json; SettingsError names the file and the key."""
         where = Path(path)
-        try:
-            document = json.loads(where.read_bytes())
-        except FileNotFoundError:
-            raise SettingsError(f"{where}: no such file") from None
-        except OSError as exc:
-            raise SettingsError(f"{where}: cannot read: {exc.strerror or exc}") from None
-        except ValueError as exc:
-            raise SettingsError(f"{where}: invalid JSON: {exc}") from None
+        document = read_json_file(where)
         node: Any = document[0] if isinstance(document, list) and document else document
         if not isinstance(node, Mapping):
             raise SettingsError(f"{where}: expected [{{...}}], an array of one object")
@@ -105,6 +103,19 @@ class HandlerEnvironment:
     def status_file(self, sequence: int) -> Path:
         """``statusFolder/<N>.status``."""
         return self.status_folder / f"{sequence}.status"
+
+
+def read_json_file(path: str | os.PathLike[str]) -> Any:
+    """The JSON in one of the agent's own files; SettingsError names the file and the fault."""
+    where = os.fspath(path)
+    try:
+        return json.loads(Path(where).read_bytes())
+    except FileNotFoundError:
+        raise SettingsError(f"{where}: no such file") from None
+    except OSError as exc:
+        raise SettingsError(f"{where}: cannot read: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise SettingsError(f"{where}: invalid JSON: {exc}") from None
 
 
 def find_handler_environment(executable: str | os.PathLike[str]) -> Path | None:

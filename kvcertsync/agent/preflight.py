@@ -28,24 +28,17 @@ def _cert_path(settings: AgentSettings, index: int) -> str:
 
 def identity(settings: AgentSettings, cert: ObservedCertificate) -> dict[str, str | None]:
     """Whom ``cert`` is read as: kind, client id, where that came from, the endpoint."""
-    if cert.msi_client_id:
-        return {
-            "kind": "user-assigned",
-            "clientId": cert.msi_client_id,
-            "from": "authenticationOverride",
-            "endpoint": settings.msi_endpoint,
-        }
-    if settings.msi_client_id:
-        return {
-            "kind": "user-assigned",
-            "clientId": settings.msi_client_id,
-            "from": "msiClientId",
-            "endpoint": settings.msi_endpoint,
-        }
+    client_id, source = (
+        (cert.msi_client_id, "authenticationOverride")
+        if cert.msi_client_id
+        else (settings.msi_client_id, "msiClientId")
+        if settings.msi_client_id
+        else (None, None)
+    )
     return {
-        "kind": "system-assigned",
-        "clientId": None,
-        "from": None,
+        "kind": "user-assigned" if client_id else "system-assigned",
+        "clientId": client_id,
+        "from": source,
         "endpoint": settings.msi_endpoint,
     }
 

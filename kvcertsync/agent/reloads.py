@@ -9,18 +9,17 @@ nginx uses gives one ``systemctl reload nginx``.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import os
 import shlex
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Final
 
 import anyio
 import attrs
 
+from kvcertsync.agent.handler import read_json_file
 from kvcertsync.errors import SettingsError
 from kvcertsync.events import CertificateUpdated
 from kvcertsync.hooks import run_command, shell_argv
@@ -114,14 +113,7 @@ class HookConfig:
     ) -> HookConfig:
         """Read a hook file; SettingsError names the file and the JSON path of what is wrong."""
         where = os.fspath(path)
-        try:
-            document = json.loads(Path(where).read_bytes())
-        except FileNotFoundError:
-            raise SettingsError(f"hook file not found: {where}") from None
-        except OSError as exc:
-            raise SettingsError(f"cannot read hook file {where}: {exc.strerror or exc}") from None
-        except ValueError as exc:
-            raise SettingsError(f"{where}: invalid JSON: {exc}") from None
+        document = read_json_file(where)
         base = defaults or cls()
         return base.merged(cls._parse(document, where, base))
 

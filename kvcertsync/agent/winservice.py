@@ -779,17 +779,27 @@ def _missing(name: str) -> WindowsServiceError:
     )
 
 
-def _start(win: _Pywin32, name: str, out: IO[str], timeout: float) -> int:
+def _control(
+    win: _Pywin32, name: str, verb: str, call: Callable[[str], object], already: int
+) -> bool:
+    """Ask the SCM to ``verb`` the service; False when Windows says it already is."""
     try:
-        win.win32serviceutil.StartService(name)
+        call(name)
     except win.win32service.error as exc:
         code = _winerror(exc)
-        if code == ERROR_SERVICE_ALREADY_RUNNING:
-            out.write(f"service {name!r} is already running\n")
-            return 0
+        if code == already:
+            return False
         if code == ERROR_SERVICE_DOES_NOT_EXIST:
             raise _missing(name) from None
-        raise WindowsServiceError(f"cannot start the service {name!r}: {_explain(exc)}") from None
+        raise WindowsServiceError(f"cannot {verb} the service {name!r}: {_explain(exc)}") from None
+    return True
+
+
+def _start(win: _Pywin32, name: str, out: IO[str], timeout: float) -> int:
+    start = win.win32serviceutil.StartService
+    if not _control(win, name, "start", start, ERROR_SERVICE_ALREADY_RUNNING):
+        out.write(f"service {name!r} is already running\n")
+        return 0
     # With requireInitialSync the service stays START_PENDING until every certificate is in.
     state = _wait_while(win, name, frozenset({SERVICE_START_PENDING}), timeout)
     if state == SERVICE_RUNNING:
@@ -808,16 +818,10 @@ def _start(win: _Pywin32, name: str, out: IO[str], timeout: float) -> int:
 
 
 def _stop(win: _Pywin32, name: str, out: IO[str], timeout: float) -> int:
-    try:
-        win.win32serviceutil.StopService(name)
-    except win.win32service.error as exc:
-        code = _winerror(exc)
-        if code == ERROR_SERVICE_NOT_ACTIVE:
-            out.write(f"service {name!r} is not running\n")
-            return 0
-        if code == ERROR_SERVICE_DOES_NOT_EXIST:
-            raise _missing(name) from None
-        raise WindowsServiceError(f"cannot stop the service {name!r}: {_explain(exc)}") from None
+    stop = win.win32serviceutil.StopService
+    if not _control(win, name, "stop", stop, ERROR_SERVICE_NOT_ACTIVE):
+        out.write(f"service {name!r} is not running\n")
+        return 0
     state = _wait_while(win, name, frozenset({SERVICE_STOP_PENDING, SERVICE_RUNNING}), timeout)
     if state != SERVICE_STOPPED:
         raise WindowsServiceError(
