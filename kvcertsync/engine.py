@@ -9,7 +9,7 @@ import logging
 import math
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -19,8 +19,15 @@ import anyio
 import attrs
 
 from kvcertsync.clock import Clock, SystemClock
-from kvcertsync.errors import AccessDenied, KvCertSyncError, MaterialError, SourceError, Throttled
+from kvcertsync.errors import (
+    AccessDenied,
+    KvCertSyncError,
+    MaterialError,
+    SourceError,
+    Throttled,
+)
 from kvcertsync.events import (
+    Announcer,
     CertificateExpiring,
     CertificateUpdated,
     Event,
@@ -35,7 +42,7 @@ from kvcertsync.material import CertificateMaterial
 from kvcertsync.settings import ObservedCertificate
 from kvcertsync.sources.base import SecretSource, SecretVersion
 from kvcertsync.stats import StatsRecorder, SyncStats
-from kvcertsync.stores.base import InstalledCertificate, InstallIncomplete, Store
+from kvcertsync.stores.base import InstalledCertificate, InstallIncomplete, Store, read_material
 from kvcertsync.uri import SecretUri
 
 if TYPE_CHECKING:
@@ -189,7 +196,7 @@ def _scrub(error: Exception) -> Exception:
     return error
 
 
-class CertSync:
+class CertSync(Announcer):
     """Keeps observed Key Vault certificates installed in a store and announces every change."""
 
     def __init__(
@@ -261,6 +268,7 @@ class CertSync:
         self._wake_scope: anyio.CancelScope | None = None
         self._ready = anyio.Event()
         self._ready_error: InitialSyncError | None = None
+        self._ready_marks: dict[Subscription, int] = {}
         self._initial_pending: set[_Entry] = set(self._entries.values())
         self._started_at: float | None = None
         self._initial_sync_duration: float | None = None
@@ -364,15 +372,30 @@ class CertSync:
             self._limiters[vault_host] = limiter
         return limiter
 
-    def subscribe(
-        self, callback: Callable[[Any], Awaitable[None] | None], *event_types: type[Event]
-    ) -> Subscription:
-        """Call ``callback(event)`` for each event (of ``event_types``, when given)."""
-        return self._bus.subscribe(callback, *event_types)
+    def current(self, uri: SecretUri | str) -> InstalledCertificate | None:
+        """What is installed for ``uri`` now (known from the store as soon as a run starts)."""
+        return self._entry(uri).installed
 
-    def events(self, *event_types: type[Event], buffer: int | None = None) -> AsyncIterator[Event]:
-        """An async iterator over events (of ``event_types``, when given)."""
-        return self._bus.events(*event_types, buffer=buffer)
+    async def material(self, uri: SecretUri | str) -> CertificateMaterial | None:
+        """The installed certificate, chain and key of ``uri``, read back from the store.
+
+        None when nothing is installed; StoreError when the store cannot give material back.
+        """
+        return await read_material(self.store, self._entry(uri).observed)
+
+    def _entry(self, uri: SecretUri | str) -> _Entry:
+        key = uri if isinstance(uri, SecretUri) else SecretUri.parse(uri, allow_any_host=True)
+        entry = self._entries.get(key)
+        if entry is None:
+            raise KeyError(f"{key} is not observed")
+        return entry
+
+    def _present(self) -> list[Event]:
+        return [
+            CertificateUpdated.of(entry.uri, entry.installed, replayed=True)
+            for entry in self._entries.values()
+            if entry.installed is not None
+        ]
 
     async def __aenter__(self) -> Self:
         """Start polling in the background."""
@@ -405,8 +428,13 @@ class CertSync:
             await self.source.aclose()
 
     async def wait_ready(self) -> None:
-        """Return once every observed certificate is installed (or was already current)."""
+        """Return once every observed certificate is installed (or was already current).
+
+        By then every callback subscribed before the initial sync completed has finished
+        handling (or timed out on) the events published until it did.
+        """
         await self._ready.wait()
+        await self._bus.settle(self._ready_marks)
         if self._ready_error is not None:
             raise self._ready_error
 
@@ -416,13 +444,7 @@ class CertSync:
 
     async def refresh(self, uri: SecretUri | str | None = None) -> SyncReport:
         """Poll ``uri`` (every certificate when None) now and wait for the result."""
-        if uri is None:
-            entries = list(self._entries.values())
-        else:
-            key = uri if isinstance(uri, SecretUri) else SecretUri.parse(uri, allow_any_host=True)
-            if key not in self._entries:
-                raise KeyError(f"{key} is not observed")
-            entries = [self._entries[key]]
+        entries = list(self._entries.values()) if uri is None else [self._entry(uri)]
         while True:
             if self._background:
                 return await self._poll_now(entries)
@@ -489,6 +511,7 @@ class CertSync:
                 self._signal_run_changed()
                 try:
                     if background:
+                        await self._learn_installed()
                         now = self.clock.now()
                         for entry in self._entries.values():
                             self._schedule(entry, now)
@@ -498,6 +521,37 @@ class CertSync:
                     self._stop()
                     tg.cancel_scope.cancel()
         self._signal_run_changed()
+
+    async def _learn_installed(self) -> None:
+        """Read what the store holds for each certificate, so a restart knows it at once.
+
+        Replay subscribers hear of what is found; the others do not (nothing changed).
+        """
+
+        async def learn(entry: _Entry) -> None:
+            async with slots:
+                try:
+                    installed = await self.store.installed(entry.observed)
+                except Exception as error:
+                    # The first poll reads it again and reports the failure properly.
+                    logger.warning(
+                        "could not read what is installed for %s: %s",
+                        entry.uri,
+                        f"{type(error).__name__}: {error}",
+                        extra={"uri": str(entry.uri)},
+                    )
+                    return
+            if installed is None or entry.installed is not None or entry.removed:
+                return
+            entry.installed = installed
+            event = CertificateUpdated.of(entry.uri, installed, replayed=True)
+            self._bus.publish(event, replay_only=True)
+
+        slots = anyio.CapacityLimiter(self.max_concurrency)
+        async with anyio.create_task_group() as tg:
+            for entry in list(self._entries.values()):
+                if entry.installed is None:
+                    tg.start_soon(learn, entry)
 
     def _signal_run_changed(self) -> None:
         self._run_changed.set()
@@ -760,16 +814,7 @@ class CertSync:
             },
         )
         self._stats.changes += 1
-        self._bus.publish(
-            CertificateUpdated(
-                uri=entry.uri,
-                previous_version=previous.version if previous is not None else None,
-                version=installed.version,
-                thumbprint=installed.thumbprint,
-                not_after=installed.not_after,
-                location=installed.location,
-            )
-        )
+        self._bus.publish(CertificateUpdated.of(entry.uri, installed, previous))
 
     def _failed(self, entry: _Entry, error: Exception) -> tuple[PollResult, float]:
         if isinstance(error, KvCertSyncError):
@@ -834,6 +879,7 @@ class CertSync:
         self._initial_sync_duration = duration
         logger.info("initial sync: %d of %d certificates in place", count, len(entries))
         self._bus.publish(InitialSyncCompleted(count, duration))
+        self._ready_marks = self._bus.marks()
         self._ready.set()
 
     def _check_expiry(self, entry: _Entry) -> None:

@@ -6,11 +6,11 @@ import enum
 import inspect
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar, cast, overload
 
 import anyio
 import anyio.abc
@@ -20,7 +20,11 @@ import attrs
 
 from kvcertsync.uri import SecretUri
 
+if TYPE_CHECKING:
+    from kvcertsync.stores.base import InstalledCertificate
+
 __all__ = [
+    "Announcer",
     "BusStats",
     "CertificateExpiring",
     "CertificateUpdated",
@@ -94,9 +98,38 @@ class CertificateUpdated(Event):
     not_after: datetime
     location: str
     at: datetime = attrs.field(factory=_utcnow)
+    #: True when this tells of a certificate already installed (a replay on subscribe, or what a
+    #: restarted engine found in its store), not of a new install; ``previous_version`` is None.
+    replayed: bool = False
+
+    @classmethod
+    def of(
+        cls,
+        uri: SecretUri,
+        installed: InstalledCertificate,
+        previous: InstalledCertificate | None = None,
+        *,
+        replayed: bool = False,
+    ) -> CertificateUpdated:
+        """The event telling that ``installed`` replaced ``previous`` (or is there, replayed)."""
+        return cls(
+            uri=uri,
+            previous_version=previous.version if previous is not None else None,
+            version=installed.version,
+            thumbprint=installed.thumbprint,
+            not_after=installed.not_after,
+            location=installed.location,
+            replayed=replayed,
+        )
 
     def describe(self) -> str:
         """A one-line human summary of the event."""
+        if self.replayed:
+            return (
+                f"installed {self.uri} {_short(self.version)} "
+                f"(thumbprint {_short(self.thumbprint)}, expires {_day(self.not_after)}) "
+                f"at {self.location}"
+            )
         previous = _short(self.previous_version) if self.previous_version else "(none)"
         return (
             f"updated {self.uri} {previous} -> {_short(self.version)} "
@@ -183,13 +216,32 @@ EventCallback = Callable[[E], Awaitable[None] | None]
 class _Mailbox:
     """A bounded FIFO of events for one subscriber that drops its oldest entry when full."""
 
-    __slots__ = ("_burst", "_items", "_waiters", "budget", "closed", "dropped", "limit", "name")
+    __slots__ = (
+        "_burst",
+        "_done_waiters",
+        "_items",
+        "_waiters",
+        "accepted",
+        "budget",
+        "closed",
+        "done",
+        "dropped",
+        "limit",
+        "name",
+        "replay",
+    )
 
-    def __init__(self, name: str, limit: int) -> None:
+    def __init__(self, name: str, limit: int, *, replay: bool = False) -> None:
         self.name = name
         self.limit = limit
+        #: The subscriber asked for replay: it also gets what the engine learns of its store.
+        self.replay = replay
         self.dropped = 0
         self.closed = False
+        # Events ever put, and of those how many are finished (handled, dropped or discarded).
+        self.accepted = 0
+        self.done = 0
+        self._done_waiters: list[tuple[int, anyio.Event]] = []
         # How many more events a delivery task may deliver while the bus shuts down.
         self.budget = 0
         self._items: deque[Event] = deque()
@@ -204,10 +256,12 @@ class _Mailbox:
         if self.closed:
             return 0
         dropped = 0
+        self.accepted += 1
         if len(self._items) >= self.limit:
             oldest = self._items.popleft()
             dropped = 1
             self.dropped += 1
+            self.finish()
             if not self._burst:
                 # One line per burst: a stalled consumer must not flood the log.
                 self._burst = True
@@ -249,8 +303,36 @@ class _Mailbox:
         """Accept no more events; keep the buffered ones readable unless ``discard``."""
         self.closed = True
         if discard:
+            self.finish(len(self._items))
             self._items.clear()
         self._wake()
+        self._wake_done(force=True)
+
+    def finish(self, count: int = 1) -> None:
+        """Count ``count`` events as finished with and wake whoever waits for them."""
+        self.done += count
+        self._wake_done()
+
+    async def wait_done(self, target: int) -> None:
+        """Wait until the first ``target`` events put are finished with (or the box closes)."""
+        if self.done >= target or self.closed:
+            return
+        entry = (target, anyio.Event())
+        self._done_waiters.append(entry)
+        try:
+            await entry[1].wait()
+        finally:
+            if entry in self._done_waiters:
+                self._done_waiters.remove(entry)
+
+    def _wake_done(self, *, force: bool = False) -> None:
+        waiting = []
+        for target, waiter in self._done_waiters:
+            if force or self.done >= target:
+                waiter.set()
+            else:
+                waiting.append((target, waiter))
+        self._done_waiters = waiting
 
     def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
@@ -495,7 +577,11 @@ class EventBus:
 
     @overload
     def subscribe(
-        self, callback: EventCallback[Event], *, buffer: int | None = None
+        self,
+        callback: EventCallback[Event],
+        *,
+        buffer: int | None = None,
+        replay: Iterable[Event] | None = None,
     ) -> Subscription: ...
 
     @overload
@@ -506,6 +592,7 @@ class EventBus:
         /,
         *event_types: type[E],
         buffer: int | None = None,
+        replay: Iterable[Event] | None = None,
     ) -> Subscription: ...
 
     def subscribe(
@@ -513,39 +600,69 @@ class EventBus:
         callback: Callable[[Any], Awaitable[None] | None],
         *event_types: type[Event],
         buffer: int | None = None,
+        replay: Iterable[Event] | None = None,
     ) -> Subscription:
-        """Call ``callback`` (sync or async) with each event of ``event_types`` (default: all)."""
+        """Call ``callback`` (sync or async) with each event of ``event_types`` (default: all).
+
+        With ``replay`` (events describing the present state), the subscriber gets those
+        first, and later ``publish(..., replay_only=True)`` events too.
+        """
         if not callable(callback):
             raise TypeError(f"callback must be callable, not {type(callback).__name__}")
         name = _callback_name(callback)
+        types = _check_types(event_types)
+        mailbox = _Mailbox(f"event hook {name}", self._limit(buffer), replay=replay is not None)
         subscription = Subscription(
             callback=callback,
-            event_types=_check_types(event_types),
+            event_types=types,
             bus=self,
-            mailbox=_Mailbox(f"event hook {name}", self._limit(buffer)),
+            mailbox=mailbox,
             is_async=_is_async_callable(callback),
         )
+        self._seed(mailbox, types, replay)
         self._subscriptions.append(subscription)
         if self._state is _State.RUNNING:
             self._start(subscription)
         return subscription
 
     @overload
-    def events(self, *, buffer: int | None = None) -> EventStream[Event]: ...
+    def events(
+        self, *, buffer: int | None = None, replay: Iterable[Event] | None = None
+    ) -> EventStream[Event]: ...
 
     @overload
     def events(
-        self, event_type: type[E], /, *event_types: type[E], buffer: int | None = None
+        self,
+        event_type: type[E],
+        /,
+        *event_types: type[E],
+        buffer: int | None = None,
+        replay: Iterable[Event] | None = None,
     ) -> EventStream[E]: ...
 
-    def events(self, *event_types: type[Event], buffer: int | None = None) -> EventStream[Any]:
-        """An async iterator over events of ``event_types`` (default: all) published from now."""
+    def events(
+        self,
+        *event_types: type[Event],
+        buffer: int | None = None,
+        replay: Iterable[Event] | None = None,
+    ) -> EventStream[Any]:
+        """An async iterator over events of ``event_types`` (default: all) published from now.
+
+        ``replay`` works as for ``subscribe``.
+        """
         types = _check_types(event_types)
-        stream: EventStream[Any] = EventStream(
-            self, _Mailbox("event stream", self._limit(buffer)), types
-        )
+        mailbox = _Mailbox("event stream", self._limit(buffer), replay=replay is not None)
+        stream: EventStream[Any] = EventStream(self, mailbox, types)
+        self._seed(mailbox, types, replay)
         self._streams.append(stream)
         return stream
+
+    def _seed(
+        self, mailbox: _Mailbox, types: tuple[type[Event], ...], replay: Iterable[Event] | None
+    ) -> None:
+        for event in replay or ():
+            if _matches(types, event):
+                self._dropped += mailbox.put(event)
 
     def _limit(self, buffer: int | None) -> int:
         limit = self.buffer if buffer is None else buffer
@@ -564,20 +681,35 @@ class EventBus:
 
     # -- publishing -----------------------------------------------------------------------
 
-    def publish(self, event: Event) -> None:
+    def publish(self, event: Event, *, replay_only: bool = False) -> None:
         """Buffer ``event`` for every matching subscriber; never blocks, never raises for them.
 
+        With ``replay_only``, only subscribers that asked for replay get it (present state
+        learned late, which the others must not take for a change).
         Call it from the event loop's thread (or while no loop runs): buffers are not locked.
         """
         if not isinstance(event, Event):
             raise TypeError(f"can only publish Event instances, not {type(event).__name__}")
         self._published += 1
-        for subscription in tuple(self._subscriptions):
-            if _matches(subscription.event_types, event):
-                self._dropped += subscription._mailbox.put(event)
-        for stream in tuple(self._streams):
-            if _matches(stream.event_types, event):
-                self._dropped += stream._mailbox.put(event)
+        mailboxes = [s._mailbox for s in self._subscriptions if _matches(s.event_types, event)]
+        mailboxes += [s._mailbox for s in self._streams if _matches(s.event_types, event)]
+        for mailbox in mailboxes:
+            if mailbox.replay or not replay_only:
+                self._dropped += mailbox.put(event)
+
+    def marks(self) -> dict[Subscription, int]:
+        """How many events each callback subscriber has been given so far (for ``settle``)."""
+        return {s: s._mailbox.accepted for s in self._subscriptions}
+
+    async def settle(self, marks: Mapping[Subscription, int]) -> None:
+        """Wait until each subscriber in ``marks`` has finished with the events counted there.
+
+        Returns at once when the bus is not delivering: nobody would handle them.
+        """
+        for subscription, target in marks.items():
+            if self._state is not _State.RUNNING:
+                return
+            await subscription._mailbox.wait_done(target)
 
     # -- running --------------------------------------------------------------------------
 
@@ -620,6 +752,9 @@ class EventBus:
             finally:
                 self._task_group = None
                 self._all_done = None
+                for subscription in self._subscriptions:
+                    # Nobody delivers now: whoever waits in ``settle`` must not wait forever.
+                    subscription._mailbox._wake_done(force=True)
                 if not self._keep_streams:
                     self.end_streams()
                 self._keep_streams = False
@@ -662,7 +797,10 @@ class EventBus:
                     continue
                 if closing:
                     mailbox.budget -= 1
-                await self._deliver(subscription, event)
+                try:
+                    await self._deliver(subscription, event)
+                finally:
+                    mailbox.finish()
         finally:
             subscription._task_running = False
             self._active_tasks -= 1
@@ -708,3 +846,70 @@ class EventBus:
             f"<EventBus {self._state.value} subscribers={len(self._subscriptions)} "
             f"streams={len(self._streams)} published={self._published}>"
         )
+
+
+class Announcer:
+    """``subscribe`` and ``events`` over an EventBus, with a replay of the present state.
+
+    The base of CertSync and StoreWatcher: async callbacks run on the event loop, plain ones
+    in a worker thread; with ``replay`` a subscriber first gets a ``CertificateUpdated``
+    (``replayed=True``) for each certificate installed now, so one callback serves both a start
+    and every renewal.
+    """
+
+    _bus: EventBus
+
+    def _present(self) -> Iterable[Event]:
+        """The events that describe the present state, for replay."""
+        return ()
+
+    @overload
+    def subscribe(
+        self,
+        callback: EventCallback[Event],
+        *,
+        replay: bool = False,
+        buffer: int | None = None,
+    ) -> Subscription: ...
+
+    @overload
+    def subscribe(
+        self,
+        callback: EventCallback[E],
+        event_type: type[E],
+        /,
+        *event_types: type[E],
+        replay: bool = False,
+        buffer: int | None = None,
+    ) -> Subscription: ...
+
+    def subscribe(
+        self,
+        callback: Callable[[Any], Awaitable[None] | None],
+        *event_types: type[Event],
+        replay: bool = False,
+        buffer: int | None = None,
+    ) -> Subscription:
+        """Call ``callback(event)`` for each event (of ``event_types``, when given)."""
+        present = list(self._present()) if replay else None
+        return self._bus.subscribe(callback, *event_types, buffer=buffer, replay=present)
+
+    @overload
+    def events(self, *, replay: bool = False, buffer: int | None = None) -> EventStream[Event]: ...
+
+    @overload
+    def events(
+        self,
+        event_type: type[E],
+        /,
+        *event_types: type[E],
+        replay: bool = False,
+        buffer: int | None = None,
+    ) -> EventStream[E]: ...
+
+    def events(
+        self, *event_types: type[Event], replay: bool = False, buffer: int | None = None
+    ) -> EventStream[Any]:
+        """An async iterator over events (of ``event_types``, when given)."""
+        present = list(self._present()) if replay else None
+        return self._bus.events(*event_types, buffer=buffer, replay=present)

@@ -74,6 +74,7 @@ EVENT_FIELDS = {
         "not_after",
         "location",
         "at",
+        "replayed",
     ],
     SyncFailed: ["uri", "error", "attempt", "retry_in", "at"],
     SyncRecovered: ["uri", "failures", "at"],

@@ -1,6 +1,6 @@
 """Where certificates go: the Store protocol and its implementations."""
 
-from kvcertsync.stores.base import InstalledCertificate, InstallIncomplete, Store
+from kvcertsync.stores.base import InstalledCertificate, InstallIncomplete, ReadableStore, Store
 from kvcertsync.stores.memory import MemoryStore
 from kvcertsync.stores.pemdir import PemDirectoryStore
 from kvcertsync.stores.windows import WindowsCertStore
@@ -10,6 +10,7 @@ __all__ = [
     "InstalledCertificate",
     "MemoryStore",
     "PemDirectoryStore",
+    "ReadableStore",
     "Store",
     "WindowsCertStore",
 ]

@@ -54,6 +54,15 @@ class MemoryStore:
         await anyio.lowlevel.checkpoint()
         return self.current(observed.uri)
 
+    async def read(
+        self, observed: ObservedCertificate
+    ) -> tuple[InstalledCertificate, CertificateMaterial] | None:
+        """The current record and material of ``observed``, or None."""
+        await anyio.lowlevel.checkpoint()
+        with self._lock:
+            history = self._history.get(observed.uri.latest)
+            return history[-1] if history else None
+
     def current(self, uri: SecretUri) -> InstalledCertificate | None:
         """The latest installed record for ``uri`` (synchronous, for inspection)."""
         with self._lock:

@@ -30,9 +30,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple, TypeVar
 
 import anyio
 from cryptography import x509
@@ -53,6 +53,7 @@ DEFAULT_DIRECTORY = "/var/lib/waagent/Microsoft.Azure.KeyVault.Store"
 
 Layout = Literal["kvlinux", "split"]
 
+_T = TypeVar("_T")
 _VERSION = re.compile(r"[0-9a-f]{32}")
 _LINK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 _TEMP_PREFIX = ".kvcertsync-tmp-"
@@ -101,9 +102,17 @@ def _fsync_dir(dir_fd: int) -> None:
     os.fsync(dir_fd)
 
 
+# Reading needs only to look names up in directories: a reader granted x (not r) on them, as
+# the ACLs grant, can still open them this way (Linux), where O_RDONLY would be refused.
+_LOOKUP = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC
+
+
 @contextlib.contextmanager
-def _open_dir(path: str | os.PathLike[str], dir_fd: int | None = None) -> Iterator[int]:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+def _open_dir(
+    path: str | os.PathLike[str], dir_fd: int | None = None, *, lookup: bool = False
+) -> Iterator[int]:
+    flags = _LOOKUP if lookup else os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    fd = os.open(path, flags, dir_fd=dir_fd)
     try:
         yield fd
     finally:
@@ -176,6 +185,12 @@ class PemDirectoryStore:
         """What the link of ``observed`` points at now, or None."""
         return await anyio.to_thread.run_sync(self._installed, observed)
 
+    async def read(
+        self, observed: ObservedCertificate
+    ) -> tuple[InstalledCertificate, CertificateMaterial] | None:
+        """The current version of ``observed`` read back from its PEM file(s), or None."""
+        return await anyio.to_thread.run_sync(self._read, observed)
+
     # ------------------------------------------------------------------ naming
 
     def directory_for(self, observed: ObservedCertificate) -> Path:
@@ -225,11 +240,14 @@ class PemDirectoryStore:
         fd = _walk(path, create, ancestors)
         try:
             info = os.fstat(fd)
-            if info.st_uid != os.geteuid():
+            # A reader (a service following what root's agent installs) may trust root too.
+            owners = (os.geteuid(),) if create else (0, os.geteuid())
+            if info.st_uid not in owners:
                 owner = _user_name(info.st_uid)
+                doing = "refusing to write private keys there" if create else "not trusting it"
                 raise StoreError(
                     f"{path} is owned by {owner}, not by the user kvcertsync runs as "
-                    f"({_user_name(os.geteuid())}): refusing to write private keys there"
+                    f"({_user_name(os.geteuid())}): {doing}"
                 )
             if info.st_mode & 0o022:
                 raise StoreError(
@@ -252,6 +270,25 @@ class PemDirectoryStore:
     # ------------------------------------------------------------------ reading
 
     def _installed(self, observed: ObservedCertificate) -> InstalledCertificate | None:
+        found = self._lookup(observed, self._read_leaf)
+        if found is None:
+            return None
+        version, leaf, link = found
+        return self._record(observed, version, leaf, link)
+
+    def _read(
+        self, observed: ObservedCertificate
+    ) -> tuple[InstalledCertificate, CertificateMaterial] | None:
+        found = self._lookup(observed, self._read_material)
+        if found is None:
+            return None
+        version, material, link = found
+        return self._record(observed, version, material.certificate, link), material
+
+    def _lookup(
+        self, observed: ObservedCertificate, reader: Callable[[str, int], _T]
+    ) -> tuple[str, _T, Path] | None:
+        """The current version of ``observed``, what ``reader`` made of its entry, its link."""
         directory = self.directory_for(observed)
         base = self.base_name(observed)
         try:
@@ -270,7 +307,7 @@ class PemDirectoryStore:
                     # A customSymbolicLinkName added or gone stale: installing again repairs it.
                     return None
             try:
-                leaf = self._read_leaf(f"{base}.{version}", fd)
+                content = reader(f"{base}.{version}", fd)
             except (OSError, ValueError, MaterialError) as exc:
                 # A damaged or foreign target counts as nothing installed: the engine reinstalls.
                 logger.warning(
@@ -279,7 +316,7 @@ class PemDirectoryStore:
                 return None
         finally:
             os.close(fd)
-        return self._record(observed, version, leaf, directory / base)
+        return version, content, directory / base
 
     def _current_version(self, base: str, fd: int) -> str | None:
         info = self._lstat(base, fd)
@@ -301,11 +338,24 @@ class PemDirectoryStore:
         if info is None:
             raise FileNotFoundError(errno.ENOENT, "missing", entry)
         if stat.S_ISDIR(info.st_mode):
-            with _open_dir(entry, fd) as sub:
+            with _open_dir(entry, fd, lookup=True) as sub:
                 data = self._read_regular("cert.pem", sub)
         else:
             data = self._read_regular(entry, fd)
         return x509.load_pem_x509_certificate(data)
+
+    def _read_material(self, entry: str, fd: int) -> CertificateMaterial:
+        info = self._lstat(entry, fd)
+        if info is None:
+            raise FileNotFoundError(errno.ENOENT, "missing", entry)
+        if stat.S_ISDIR(info.st_mode):
+            with _open_dir(entry, fd, lookup=True) as sub:
+                data = self._read_regular("fullchain.pem", sub) + self._read_regular(
+                    "privkey.pem", sub
+                )
+        else:
+            data = self._read_regular(entry, fd)
+        return CertificateMaterial.from_secret(data, "application/x-pem-file")
 
     @staticmethod
     def _read_regular(name: str, dir_fd: int) -> bytes:
@@ -808,7 +858,9 @@ def _walk(path: Path, create: bool, ancestors: list[_Ancestor] | None = None) ->
     """
     where = os.path.abspath(path)
     todo = list(Path(where).parts[1:])
-    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    # Writing needs real descriptors (fsync, xattrs); reading only looks names up.
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC if create else _LOOKUP
+    fd = os.open("/", flags)
     here = PurePosixPath("/")  # where ``fd`` is, for messages
     made = False  # whether this walk created the directory ``fd``
     seen: set[tuple[int, int]] = set()
@@ -857,16 +909,14 @@ def _walk(path: Path, create: bool, ancestors: list[_Ancestor] | None = None) ->
                 target = os.readlink(name, dir_fd=fd)
                 if target.startswith("/"):
                     os.close(fd)
-                    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    fd = os.open("/", flags)
                     here = PurePosixPath("/")
                     made = False
                 todo = list(PurePosixPath(target).parts) + todo
                 if todo and todo[0] == "/":
                     todo.pop(0)
                 continue
-            nxt = os.open(
-                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
-            )
+            nxt = os.open(name, flags | os.O_NOFOLLOW, dir_fd=fd)
             os.close(fd)
             fd = nxt
             here = here.parent if name == ".." else here / name
