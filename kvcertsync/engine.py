@@ -53,6 +53,8 @@ __all__ = ["CertSync", "CertificateState", "InitialSyncError", "PollResult", "Sy
 logger = logging.getLogger(__name__)
 
 _DAY = 86400.0
+# How long parsing one secret may take: milliseconds normally, so only a hostile one gets near.
+_PARSE_TIMEOUT = 30.0
 
 
 class InitialSyncError(KvCertSyncError):
@@ -161,6 +163,8 @@ class _Entry:
     removed: bool = False
     successor: _Entry | None = None
     installed: InstalledCertificate | None = None
+    #: A version installed with a later step failed (InstallIncomplete): the next poll finishes it.
+    unfinished: str | None = None
     last_error: BaseException | None = None
     last_success: datetime | None = None
     warned: tuple[str, float] | None = None
@@ -778,25 +782,67 @@ class CertSync(Announcer):
         current = await self.store.installed(observed)
         entry.installed = current
         if current is not None and current.version == fetched.version:
+            if entry.unfinished != current.version:
+                return PollResult(entry.uri, Outcome.UNCHANGED, current)
+            # Live since the last poll, with a step after that undone: finish it (installing
+            # the same version again is idempotent). Announced then, so not again now.
+            await self._install(entry, await self._parse(fetched), fetched.version)
+            entry.unfinished = None
+            logger.info(
+                "finished installing %s version %s",
+                entry.uri,
+                current.version,
+                extra={"uri": str(entry.uri), "version": current.version},
+            )
             return PollResult(entry.uri, Outcome.UNCHANGED, current)
-        material = await anyio.to_thread.run_sync(
-            CertificateMaterial.from_secret, fetched.value, fetched.content_type
-        )
+        material = await self._parse(fetched)
+        try:
+            installed = await self._install(entry, material, fetched.version)
+        except InstallIncomplete as incomplete:
+            # In place and current, with a later step failed: announce it, then report. It
+            # counts as installed for the initial sync; the failed step is retried and reported.
+            entry.installed = incomplete.installed
+            entry.ready = True
+            self._announce(entry, current, incomplete.installed)
+            raise
+        entry.installed = installed
+        self._announce(entry, current, installed)
+        return PollResult(entry.uri, Outcome.UPDATED, installed)
+
+    @staticmethod
+    async def _parse(fetched: SecretVersion) -> CertificateMaterial:
+        try:
+            # Bounded, and abandoned when over: one hostile secret must not hold a worker
+            # thread's result hostage, nor hold up a stop.
+            with anyio.fail_after(_PARSE_TIMEOUT):
+                return await anyio.to_thread.run_sync(
+                    CertificateMaterial.from_secret,
+                    fetched.value,
+                    fetched.content_type,
+                    abandon_on_cancel=True,
+                )
+        except TimeoutError:
+            raise MaterialError(
+                f"{fetched.uri}: reading the secret took over {_PARSE_TIMEOUT:g} s; given up"
+            ) from None
+        except MaterialError as error:
+            # The exception alone must say which certificate was bad.
+            raise MaterialError(f"{fetched.uri}: {error}") from None
+
+    async def _install(
+        self, entry: _Entry, material: CertificateMaterial, version: str
+    ) -> InstalledCertificate:
         # Shielded: leaving ``async with`` never interrupts an install halfway.
         with anyio.CancelScope(shield=True):
             started = self.clock.now()
             try:
-                installed = await self.store.install(observed, material, fetched.version)
+                installed = await self.store.install(entry.observed, material, version)
             except InstallIncomplete as incomplete:
-                # In place and current, with a later step failed: announce it, then report.
-                entry.installed = incomplete.installed
-                self._announce(entry, current, incomplete.installed)
+                entry.unfinished = incomplete.installed.version
                 raise
             finally:
                 self._stats.install.observe(self.clock.now() - started)
-        entry.installed = installed
-        self._announce(entry, current, installed)
-        return PollResult(entry.uri, Outcome.UPDATED, installed)
+        return installed
 
     def _announce(
         self, entry: _Entry, previous: InstalledCertificate | None, installed: InstalledCertificate

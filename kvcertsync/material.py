@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import itertools
 import logging
 import re
 from collections.abc import Iterable
@@ -27,6 +28,7 @@ from cryptography.x509.oid import NameOID
 from kvcertsync.errors import MaterialError
 
 __all__ = [
+    "MAX_PFX_ITERATIONS",
     "PEM_CONTENT_TYPE",
     "PKCS12_CONTENT_TYPE",
     "CertificateMaterial",
@@ -60,6 +62,13 @@ _BASE64_TEXT = re.compile(r"[A-Za-z0-9+/_=-]*")
 _WHITESPACE = re.compile(r"\s+")
 _ENCRYPTED_PEM_HEADER = re.compile(r"^Proc-Type:\s*4\s*,\s*ENCRYPTED", re.MULTILINE)
 _CERTIFICATE_LABELS = frozenset({"CERTIFICATE", "X509 CERTIFICATE", "TRUSTED CERTIFICATE"})
+
+#: The most key-derivation or MAC iterations a PFX may ask for. Key Vault and OpenSSL use 2,048
+#: and Windows 2,000 to 10,000; a crafted 2**31 would keep a parser busy for hours.
+MAX_PFX_ITERATIONS = 1_000_000
+# Bounds on the walk that finds them: nesting depth, and elements visited.
+_DER_DEPTH = 24
+_DER_ELEMENTS = 100_000
 
 _PfxFailure = Literal["password", "truncated", "corrupt"]
 _E = TypeVar("_E", bound=x509.ExtensionType)
@@ -125,6 +134,12 @@ class CertificateMaterial:
 
     @classmethod
     def _from_pfx(cls, der: bytes) -> CertificateMaterial:
+        iterations = _pfx_iterations(der)
+        if iterations > MAX_PFX_ITERATIONS:
+            raise MaterialError(
+                f"the PKCS#12 (PFX) value asks for {iterations:,} key-derivation iterations; "
+                f"more than {MAX_PFX_ITERATIONS:,} are refused (Key Vault uses 2,048)"
+            )
         loaded = _load_pkcs12(der)
         if isinstance(loaded, str):
             raise MaterialError(_pfx_failure_message(loaded, der)) from None
@@ -390,6 +405,76 @@ def _der_header(data: bytes, offset: int) -> tuple[int, int, int] | None:
     if count == 0 or count > 4 or offset + 2 + count > len(data):
         return None
     return tag, 2 + count, int.from_bytes(data[offset + 2 : offset + 2 + count], "big")
+
+
+def _pfx_iterations(der: bytes) -> int:
+    """The largest iteration count a PFX's MAC or any of its KDFs asks for (0: none seen).
+
+    Every such count (MacData, PBKDF2-params, pkcs-12PbeParams) is an INTEGER right after the
+    salt's OCTET STRING in a SEQUENCE, so the DER tree is walked for that shape, into OCTET
+    STRINGs that hold DER (the authenticated safe, its bags) too. Encrypted parts stay opaque.
+    """
+    budget = [_DER_ELEMENTS]
+    most = [0]
+
+    def children(start: int, end: int, depth: int) -> list[tuple[int, int, int]] | None:
+        """(tag, content start, content end) of the elements tiling ``start:end``."""
+        found: list[tuple[int, int, int]] = []
+        offset = start
+        while offset < end:
+            element = walk(offset, end, depth)
+            if element is None:
+                return None
+            found.append(element[:3])
+            offset = element[3]
+        return found
+
+    def walk(offset: int, end: int, depth: int) -> tuple[int, int, int, int] | None:
+        """(tag, content start, content end, element end) of the element at ``offset``."""
+        budget[0] -= 1
+        if budget[0] < 0 or depth > _DER_DEPTH or offset + 2 > end:
+            return None
+        tag, first = der[offset], der[offset + 1]
+        if tag & 0x1F == 0x1F:
+            return None
+        constructed = bool(tag & 0x20)
+        if first == 0x80:  # BER indefinite length: children up to an end-of-contents marker
+            if not constructed:
+                return None
+            start = position = offset + 2
+            items: list[tuple[int, int, int]] = []
+            while der[position : position + 2] != b"\x00\x00":
+                element = walk(position, end, depth + 1)
+                if element is None:
+                    return None
+                items.append(element[:3])
+                position = element[3]
+            look(tag, items)
+            return tag, start, position, position + 2
+        header = _der_header(der, offset)
+        if header is None or offset + header[1] + header[2] > end:
+            return None
+        start, stop = offset + header[1], offset + header[1] + header[2]
+        if constructed:
+            items_or_none = children(start, stop, depth + 1)
+            if items_or_none is None:
+                return None
+            look(tag, items_or_none)
+        elif tag == 0x04 and stop > start and der[start] in (0x30, 0x31):
+            children(start, stop, depth + 1)  # DER inside an OCTET STRING, if it is DER
+        return tag, start, stop, stop
+
+    def look(tag: int, items: list[tuple[int, int, int]]) -> None:
+        if tag != 0x30:
+            return
+        for (first_tag, _, _), (second_tag, start, stop) in itertools.pairwise(items):
+            if first_tag == 0x04 and second_tag == 0x02:
+                # More than 8 bytes is beyond any real count: report it as huge.
+                value = int.from_bytes(der[start:stop], "big") if stop - start <= 8 else 2**64
+                most[0] = max(most[0], value)
+
+    walk(0, len(der), 0)
+    return most[0]
 
 
 def _classify_pfx_failure(der: bytes) -> _PfxFailure:

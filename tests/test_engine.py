@@ -842,7 +842,38 @@ async def test_an_incomplete_install_is_announced_and_reported(
     first = await sync.sync_once()
     second = await sync.sync_once()
     assert first.failed and "Nope" in str(first.failed[0].error)
-    assert second.unchanged  # it is in place: the next poll finds it current
+    # In place, so not announced again; but the failed step is tried again, and fails again.
+    assert second.failed and "Nope" in str(second.failed[0].error)
     kinds = [type(e).__name__ for e in events]
-    assert kinds[:2] == ["CertificateUpdated", "SyncFailed"]
+    assert kinds == ["CertificateUpdated", "SyncFailed", "InitialSyncCompleted", "SyncFailed"]
     assert events[0].version == version  # type: ignore[attr-defined]
+
+
+async def test_an_incomplete_install_is_finished_by_the_next_poll(
+    material: CertificateMaterial,
+) -> None:
+    from kvcertsync.stores import InstallIncomplete
+
+    class FailsOnce(MemoryStore):
+        calls = 0
+
+        async def install(
+            self, observed: ObservedCertificate, material: CertificateMaterial, version: str
+        ) -> InstalledCertificate:
+            record = await super().install(observed, material, version)
+            FailsOnce.calls += 1
+            if FailsOnce.calls == 1:
+                raise InstallIncomplete(record, ["pruning failed"])
+            return record
+
+    source = MemorySource()
+    url = urls(1)[0]
+    source.set(url, material)
+    sync = CertSync([url], store=FailsOnce(), source=source)
+    updates = collect(sync, CertificateUpdated)
+    assert (await sync.sync_once()).failed
+    assert (await sync.sync_once()).unchanged  # finished: the step ran again and succeeded
+    assert FailsOnce.calls == 2
+    assert (await sync.sync_once()).unchanged
+    assert FailsOnce.calls == 2  # and never again
+    assert len(updates) == 1

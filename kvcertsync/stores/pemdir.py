@@ -39,7 +39,7 @@ from cryptography import x509
 
 from kvcertsync.errors import MaterialError, StoreError
 from kvcertsync.material import CertificateMaterial, certificate_thumbprint
-from kvcertsync.stores.base import InstalledCertificate
+from kvcertsync.stores.base import InstalledCertificate, InstallIncomplete
 
 if TYPE_CHECKING:
     from kvcertsync.settings import Acl, AgentSettings, ObservedCertificate
@@ -421,14 +421,17 @@ class PemDirectoryStore:
             for link in links:
                 self._point(link, entry, fd)
             _fsync_dir(fd)
-            self._prune(base, entry, {p for p in previous if p is not None}, links, fd)
-            self._grant_directory(fd, directory, acls)
-            self._grant_ancestors(ancestors, fd, directory, acls)
         except OSError as exc:
-            raise StoreError(f"cannot install into {directory}: {exc.strerror or exc}") from None
-        finally:
             os.close(fd)
             _close_all(ancestors)
+            raise StoreError(f"cannot install into {directory}: {exc.strerror or exc}") from None
+        except BaseException:
+            os.close(fd)
+            _close_all(ancestors)
+            raise
+        # The links point at the new version: it is live. Trouble after this is not a failed
+        # install (that would hide the update from every hook): it is reported alongside.
+        record = self._record(observed, version, material.certificate, directory / base)
         logger.info(
             "installed %s version %s into %s",
             observed.uri,
@@ -436,7 +439,34 @@ class PemDirectoryStore:
             directory / base,
             extra={"uri": str(observed.uri), "version": version},
         )
-        return self._record(observed, version, material.certificate, directory / base)
+        problems: list[str] = []
+        steps: list[tuple[str, Callable[[], None]]] = [
+            (
+                "removing superseded versions",
+                lambda: self._prune(base, entry, {p for p in previous if p is not None}, links, fd),
+            ),
+            (
+                "granting the directory to its readers",
+                lambda: self._grant_directory(fd, directory, acls),
+            ),
+            (
+                "letting readers traverse the parent directories",
+                lambda: self._grant_ancestors(ancestors, fd, directory, acls),
+            ),
+        ]
+        try:
+            for what, step in steps:
+                try:
+                    step()
+                except (OSError, StoreError) as exc:
+                    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                    problems.append(f"{what} failed: {detail}")
+        finally:
+            os.close(fd)
+            _close_all(ancestors)
+        if problems:
+            raise InstallIncomplete(record, problems)
+        return record
 
     def _contents(self, material: CertificateMaterial) -> dict[str, bytes]:
         if self.layout == "kvlinux":
