@@ -892,7 +892,10 @@ class CertSync(Announcer):
             entry.gave_up = limit is not None and entry.initial_failures >= limit
         if _retryable(error) or (initial and not entry.gave_up):
             retry_after = error.retry_after if isinstance(error, SourceError) else None
-            due = now + self.retry.delay(entry.attempt, retry_after, self._rng)
+            delay = self.retry.delay(
+                entry.attempt, retry_after, self._rng, cap=self.polling_interval
+            )
+            due = now + delay
             if isinstance(error, Throttled):
                 # Never come back before the vault's own pause ends.
                 due = max(due, self.limiter(entry.vault).paused_until)

@@ -31,11 +31,23 @@ class RetryPolicy:
         exponent = min(max(attempt - 1, 0), 64)
         return min(self.maximum, self.initial * self.multiplier**exponent)
 
-    def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
-        """Seconds to wait before retry number ``attempt``."""
+    def delay(
+        self,
+        attempt: int,
+        retry_after: float | None,
+        rng: random.Random,
+        *,
+        cap: float | None = None,
+    ) -> float:
+        """Seconds to wait before retry number ``attempt``, at most ``cap`` unless told.
+
+        The engine caps at the polling interval: a failing certificate is never retried
+        later than a healthy one is polled. A server's retry-after is obeyed as it is.
+        """
         if retry_after is not None and math.isfinite(retry_after):
             return max(retry_after, 0.0)
-        return rng.uniform(0.0, self.ceiling(attempt))
+        ceiling = self.ceiling(attempt)
+        return rng.uniform(0.0, ceiling if cap is None else min(ceiling, cap))
 
 
 class VaultLimiter:

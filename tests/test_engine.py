@@ -174,6 +174,27 @@ async def test_backoff_honours_retry_after_then_full_jitter(material: Certificat
     assert policy.ceiling(2) == 4 and policy.ceiling(3) == 5
 
 
+async def test_backoff_never_waits_longer_than_the_polling_interval(
+    material: CertificateMaterial,
+) -> None:
+    clock = FakeClock()
+    source = MemorySource()
+    url = urls(1)[0]
+    source.set(url, material)
+    source.fail(TransientSourceError("503"), uri=url, times=12)
+    sync = CertSync(
+        [url], store=MemoryStore(), source=source, clock=clock, polling_interval=2, jitter=0
+    )
+    failures = collect(sync, SyncFailed)
+    updated = collect(sync, CertificateUpdated)
+    async with sync:
+        await drive(clock, lambda: bool(updated), step=0.1)
+    # The default policy would reach 300 s by the tenth attempt: capped at the 2 s interval.
+    assert len(failures) == 12
+    assert max(f.retry_in or 0 for f in failures) <= 2
+    assert sync.retry.ceiling(10) == 300
+
+
 async def test_throttle_ladder_pauses_halves_and_recovers() -> None:
     clock = FakeClock()
     limiter = VaultLimiter(clock, rate=100, burst=10, recovery=600)

@@ -333,6 +333,18 @@ def test_sigkill_at_any_instant_leaves_complete_versions(tmp_path: Path, layout:
                 material = CertificateMaterial.from_secret(full + key)
                 assert (target / "cert.pem").read_bytes() == material.cert_pem()
             assert material.dns_names[0].startswith("host")
+    # The next process to open the store sweeps what the killed ones left (keys in temp files).
+    reopen = (
+        "import anyio, sys\n"
+        "from kvcertsync.settings import ObservedCertificate\n"
+        "from kvcertsync.stores.pemdir import PemDirectoryStore\n"
+        "url = 'https://crashvault.vault.azure.net/secrets/cert0'\n"
+        "observed = ObservedCertificate.of(url, symlink_name='alias0')\n"
+        "store = PemDirectoryStore(sys.argv[1], layout=sys.argv[2])\n"
+        "assert anyio.run(store.installed, observed) is not None\n"
+    )
+    subprocess.run([sys.executable, "-c", reopen, str(store_dir), layout], check=True, timeout=60)
+    assert not [p.name for p in store_dir.iterdir() if p.name.startswith(".kvcertsync-")]
 
 
 # ------------------------------------------------------------------------- nginx

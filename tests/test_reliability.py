@@ -17,6 +17,7 @@ from kvcertsync.engine import CertSync
 from kvcertsync.errors import MaterialError
 from kvcertsync.events import CertificateUpdated, Event, SyncFailed
 from kvcertsync.material import CertificateMaterial, _pfx_iterations
+from kvcertsync.settings import ObservedCertificate
 from kvcertsync.sources import MemorySource
 from kvcertsync.stores import MemoryStore, PemDirectoryStore
 
@@ -156,3 +157,29 @@ def test_pfx_iterations_are_found_in_the_key_derivation_too(
     ).stdout
     # openssl keeps the MAC at 2,048: the larger count is the key derivation's.
     assert _pfx_iterations(pfx) == int(options[1])
+
+
+async def test_leftovers_of_a_killed_process_are_swept_when_the_store_is_opened(
+    tmp_path: Path, ca: TestAuthority
+) -> None:
+    from kvcertsync.stores import pemdir
+
+    observed = ObservedCertificate.of(URL)
+    material = ca.issue(["web.example"])
+    await PemDirectoryStore(tmp_path).install(observed, material, "a" * 32)
+    # As a process killed mid-install leaves them: a temp version holding a key, a trash dir.
+    old = pemdir._STARTED - 30
+    stale = tmp_path / f".kvcertsync-tmp-other.cert.{'b' * 32}.0a1b2c3d"
+    stale.write_bytes(material.to_pem_bundle())
+    trash = tmp_path / f".kvcertsync-trash-other.cert.{'c' * 32}.0a1b2c3d"
+    trash.mkdir()
+    (trash / "privkey.pem").write_bytes(material.key_pem())
+    # One this process could be writing right now: never touched.
+    fresh = tmp_path / f".kvcertsync-tmp-third.cert.{'d' * 32}.0a1b2c3d"
+    fresh.write_bytes(b"in flight")
+    for path in (stale, trash):
+        os.utime(path, (old, old))
+    pemdir._SWEPT.clear()  # as in a new process
+    assert await PemDirectoryStore(tmp_path).installed(observed) is not None
+    assert not stale.exists() and not trash.exists()
+    assert fresh.exists()

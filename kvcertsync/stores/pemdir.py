@@ -67,6 +67,11 @@ _CREATED_XATTR = "user.kvcertsync.created"
 # mkdir and marking are one step for the threads of this process, and the mark is read under
 # the same lock: a thread that finds a directory another one just made also finds it marked.
 _CREATE_LOCK = threading.Lock()
+# Temp and trash entries older than this process were left by one that was killed mid-install;
+# each store directory is swept of them once per process (they may hold private keys).
+_STARTED = time.time()
+_SWEPT: set[tuple[int, int]] = set()
+_SWEEP_LOCK = threading.Lock()
 # The system.posix_acl_access extended attribute (linux/posix_acl_xattr.h).
 _ACL_XATTR = "system.posix_acl_access"
 _ACL_XATTR_VERSION = 2
@@ -296,6 +301,7 @@ class PemDirectoryStore:
         except FileNotFoundError:
             return None
         try:
+            _sweep_once(fd, directory)
             version = self._current_version(base, fd)
             if version is None:
                 return None
@@ -401,6 +407,7 @@ class PemDirectoryStore:
             _close_all(ancestors)
             raise
         try:
+            _sweep_once(fd, directory)
             previous = [self._check_link_is_ours(link, base, fd, directory) for link in links]
             existing = self._lstat(entry, fd)
             if existing is not None and not self._same_content(entry, existing, contents, fd):
@@ -829,7 +836,7 @@ class PemDirectoryStore:
                 self._remove(name, fd)  # left by a crash in the middle of a delete
                 continue
             if name.startswith(temps):
-                if now - info.st_mtime > _STALE_TEMP_SECONDS:
+                if info.st_mtime < _STARTED or now - info.st_mtime > _STALE_TEMP_SECONDS:
                     self._remove(name, fd)
                 continue
             if stat.S_ISLNK(info.st_mode):
@@ -865,6 +872,31 @@ class PemDirectoryStore:
             shutil.rmtree(name, dir_fd=fd)
         else:
             os.unlink(name, dir_fd=fd)
+
+
+def _sweep_once(fd: int, directory: Path) -> None:
+    """Remove, once per process, the temp and trash entries a killed process left in a store
+    directory of ours (the next install of the same certificate would, but that may be never)."""
+    info = os.fstat(fd)
+    key = (info.st_dev, info.st_ino)
+    if info.st_uid != os.geteuid():
+        return  # a reader's view of someone else's store: not ours to clean
+    with _SWEEP_LOCK:
+        if key in _SWEPT:
+            return
+        _SWEPT.add(key)
+    try:
+        with _open_dir(".", fd) as real:
+            for name in os.listdir(real):
+                if not name.startswith((_TEMP_PREFIX, _TRASH_PREFIX)):
+                    continue
+                entry = PemDirectoryStore._lstat(name, real)
+                if entry is None or entry.st_uid != os.geteuid() or entry.st_mtime >= _STARTED:
+                    continue
+                PemDirectoryStore._remove(name, real)
+                logger.info("removed %s, left by a process stopped mid-install", directory / name)
+    except OSError as exc:
+        logger.warning("could not sweep %s of leftovers: %s", directory, exc.strerror or exc)
 
 
 def _trusted(parent: os.stat_result, entry: os.stat_result) -> bool:
