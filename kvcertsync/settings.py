@@ -96,6 +96,12 @@ _AUTH_KEYS = ("msiEndpoint", "msiClientId")
 _LOGGING_KEYS = ("logger", "endpoint", "format", "servicename")
 _IMDS_EXAMPLE = "http://169.254.169.254/metadata/identity"
 _DIGITS = re.compile(r"[0-9]+")
+#: A file name kvcertsync writes in a store directory (links, version files): what a PEM
+#: directory store accepts, so ``check`` refuses exactly what an install would. 230 at most:
+#: the temporary name a link is made under (".kvcertsync-tmp-<name>.<8 hex>") must fit in 255.
+LINK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,229}")
+# A link with a version file's name would replace that file with a link to itself.
+_VERSION_SUFFIX = re.compile(r"\.[0-9a-f]{32}$")
 # The extension's own Windows page shows "keyExportable": "false"; accept exactly these spellings.
 _BOOL_STRINGS = {"true": True, "false": False}
 _MAX_UNWRAP = 3
@@ -282,10 +288,16 @@ def _as_directory(value: str) -> PurePath | None:
 
 
 def _symlink_problem(value: str) -> str | None:
-    if not value.strip():
-        return "expected a non-empty file name"
-    if "/" in value or "\0" in value or value in (".", ".."):
-        return f"expected a plain file name (no '/', not '.' or '..'), got {value!r}"
+    if not LINK_NAME.fullmatch(value):
+        return (
+            "expected a file name of 1 to 230 letters, digits, '.', '_' or '-' that starts "
+            f"with a letter or digit, got {value!r}"
+        )
+    if _VERSION_SUFFIX.search(value):
+        return (
+            f"{value!r} ends like a certificate version file (.<32 hex digits>); "
+            "it could replace one"
+        )
     return None
 
 

@@ -1,6 +1,7 @@
 import copy
 import json
 import logging
+import os
 import re
 import string
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from kvcertsync.errors import SettingsError
 from kvcertsync.settings import (
+    LINK_NAME,
     LINUX_DEFAULT_STORE_DIRECTORY,
     Acl,
     AgentSettings,
@@ -635,12 +637,39 @@ def test_acl_needs_user_or_group() -> None:
     raises_at(mutate(f"{OBS}[2].acls", [{"user": "a"}, {}], doc), f"{OBS}[2].acls[1]", '"user"')
 
 
-def test_symlink_name_must_be_a_file_name() -> None:
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("../etc/passwd", "starts with a letter or digit"),
+        (".hidden", "starts with a letter or digit"),
+        ("a" * 231, "1 to 230 letters"),
+        ("web cert", "letters, digits, '.', '_' or '-'"),
+        ("myvault.web." + "0" * 32, "ends like a certificate version file"),
+    ],
+)
+def test_symlink_name_follows_the_stores_own_rules(name: str, hint: str) -> None:
     raises_at(
-        mutate(f"{OBS}[2].customSymbolicLinkName", "../etc/passwd"),
+        mutate(f"{OBS}[2].customSymbolicLinkName", name),
         f"{OBS}[2].customSymbolicLinkName",
-        "plain file name",
+        hint,
     )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_every_symlink_name_check_accepts_a_store_installs(tmp_path: Path) -> None:
+    from kvcertsync.emulator import TestAuthority
+    from kvcertsync.stores import PemDirectoryStore
+
+    # What parsing accepts, the store installs: the rules are one.
+    for name in ("a" * 230, "web_cert-2.pem", "0"):
+        observed = ObservedCertificate.of(
+            "https://vault.vault.azure.net/secrets/web", symlink_name=name
+        )
+        await PemDirectoryStore(tmp_path).install(
+            observed, TestAuthority().issue(["web.example"]), "f" * 32
+        )
+        assert os.readlink(tmp_path / name) == f"vault.web.{'f' * 32}"
 
 
 def test_syntax_error_reports_line_and_column() -> None:
@@ -802,6 +831,9 @@ locations = st.sampled_from(
     ["LocalMachine", "CurrentUser", LINUX_DEFAULT_STORE_DIRECTORY, "/srv/certs", "C:\\certs"]
 )
 acls = st.builds(Acl, st.none() | texts, texts) | st.builds(Acl, texts, st.none())
+link_names = st.from_regex(LINK_NAME, fullmatch=True).filter(
+    lambda name: not re.search(r"\.[0-9a-f]{32}$", name)
+)
 observed_certs = st.builds(
     ObservedCertificate,
     uris,
@@ -809,7 +841,7 @@ observed_certs = st.builds(
     store_location=locations,
     key_exportable=st.booleans(),
     accounts=st.lists(texts, max_size=3).map(tuple),
-    symlink_name=st.none() | names,
+    symlink_name=st.none() | link_names,
     acls=st.lists(acls, max_size=2).map(tuple),
     msi_client_id=st.none() | texts,
 )

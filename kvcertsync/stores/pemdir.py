@@ -39,6 +39,7 @@ from cryptography import x509
 
 from kvcertsync.errors import MaterialError, StoreError
 from kvcertsync.material import CertificateMaterial, certificate_thumbprint
+from kvcertsync.settings import LINK_NAME
 from kvcertsync.stores.base import InstalledCertificate, InstallIncomplete
 
 if TYPE_CHECKING:
@@ -55,7 +56,6 @@ Layout = Literal["kvlinux", "split"]
 
 _T = TypeVar("_T")
 _VERSION = re.compile(r"[0-9a-f]{32}")
-_LINK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 _TEMP_PREFIX = ".kvcertsync-tmp-"
 # Versions on their way out: renamed first, so a crash mid-delete leaves no half version visible.
 _TRASH_PREFIX = ".kvcertsync-trash-"
@@ -212,7 +212,7 @@ class PemDirectoryStore:
         """``<vault>.<name>``, built from validated URL parts only (no path can escape)."""
         uri = observed.uri
         name = f"{uri.vault_name}.{uri.name}"
-        if not _LINK_NAME.fullmatch(name):
+        if not LINK_NAME.fullmatch(name):
             raise StoreError(f"{uri}: cannot derive a safe file name from {name!r}")
         return name
 
@@ -221,7 +221,7 @@ class PemDirectoryStore:
         links = [base]
         custom = observed.symlink_name
         if custom is not None:
-            if not _LINK_NAME.fullmatch(custom):
+            if not LINK_NAME.fullmatch(custom):
                 raise StoreError(
                     f"{observed.uri}: customSymbolicLinkName {custom!r} is not a safe name"
                 )
