@@ -112,7 +112,14 @@ async def test_split_layout_swaps_a_whole_directory(
     version_dir = tmp_path / f"myvault.web.{V1}"
     assert mode(version_dir) == 0o700
     names = sorted(p.name for p in version_dir.iterdir())
-    assert names == ["bundle.pfx", "cert.pem", "chain.pem", "fullchain.pem", "privkey.pem"]
+    assert names == [
+        "bundle.pfx",
+        "cert.pem",
+        "chain.pem",
+        "combined.pem",
+        "fullchain.pem",
+        "privkey.pem",
+    ]
     assert all(mode(version_dir / n) == 0o600 for n in names)
     assert (link / "fullchain.pem").read_bytes() == material.fullchain_pem()
     assert (link / "privkey.pem").read_bytes() == material.key_pem()

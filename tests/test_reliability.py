@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import os
+import secrets
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -183,3 +185,45 @@ async def test_leftovers_of_a_killed_process_are_swept_when_the_store_is_opened(
     assert await PemDirectoryStore(tmp_path).installed(observed) is not None
     assert not stale.exists() and not trash.exists()
     assert fresh.exists()
+
+
+@pytest.mark.parametrize(
+    ("layout", "name"), [("kvlinux", ""), ("split", "combined.pem")], ids=["kvlinux", "split"]
+)
+def test_one_file_read_once_never_pairs_two_versions(
+    tmp_path: Path, ca: TestAuthority, layout: str, name: str
+) -> None:
+    pool = [ca.issue(["web.example"]) for _ in range(3)]
+    store = PemDirectoryStore(tmp_path, layout=layout)  # type: ignore[arg-type]
+    observed = ObservedCertificate.of(URL)
+    store._install(observed, pool[0], secrets.token_hex(16))
+    stop = threading.Event()
+    installs = [0]
+
+    def rotate() -> None:
+        while not stop.is_set():
+            store._install(observed, pool[installs[0] % 3], secrets.token_hex(16))
+            installs[0] += 1
+
+    path = tmp_path / "vault.web" / name if name else tmp_path / "vault.web"
+    reads = mismatched = 0
+    writer = threading.Thread(target=rotate)
+    writer.start()
+    try:
+        while reads < 600 or installs[0] < 20:
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue  # the version was pruned between the link lookup and the open
+            # from_secret refuses a key that does not belong to the leaf: that is the check.
+            try:
+                CertificateMaterial.from_secret(data)
+            except MaterialError:
+                mismatched += 1
+            found = store._read(observed)
+            assert found is not None and found[0].thumbprint == found[1].thumbprint
+            reads += 1
+    finally:
+        stop.set()
+        writer.join()
+    assert mismatched == 0, f"{mismatched} of {reads} reads paired two versions"

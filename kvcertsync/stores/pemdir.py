@@ -61,7 +61,6 @@ _TEMP_PREFIX = ".kvcertsync-tmp-"
 _TRASH_PREFIX = ".kvcertsync-trash-"
 # A temporary entry older than this belongs to a process that died mid-write.
 _STALE_TEMP_SECONDS = 600.0
-_SPLIT_FILES = ("cert.pem", "chain.pem", "fullchain.pem", "privkey.pem")
 #: Set on every directory kvcertsync creates: the directories a later run may open to readers.
 _CREATED_XATTR = "user.kvcertsync.created"
 # mkdir and marking are one step for the threads of this process, and the mark is read under
@@ -130,7 +129,8 @@ class PemDirectoryStore:
     ``layout="kvlinux"`` (default): one file ``<vault>.<name>.<version>`` per version holding the
     leaf, its chain and then the private key, and a symlink ``<vault>.<name>`` to the current one.
     ``layout="split"``: ``<vault>.<name>`` links to a version directory holding ``cert.pem``,
-    ``chain.pem``, ``fullchain.pem``, ``privkey.pem`` (and ``bundle.pfx`` with ``pfx=True``).
+    ``chain.pem``, ``fullchain.pem``, ``privkey.pem``, ``combined.pem`` (all of them in one file)
+    (and ``bundle.pfx`` with ``pfx=True``).
     """
 
     def __init__(
@@ -302,27 +302,31 @@ class PemDirectoryStore:
             return None
         try:
             _sweep_once(fd, directory)
-            version = self._current_version(base, fd)
-            if version is None:
-                return None
-            for link in self._links(observed, base)[1:]:
-                if (
-                    self._lstat(link, fd) is None
-                    or os.readlink(link, dir_fd=fd) != f"{base}.{version}"
-                ):
-                    # A customSymbolicLinkName added or gone stale: installing again repairs it.
+            for attempt in range(3):
+                version = self._current_version(base, fd)
+                if version is None:
                     return None
-            try:
-                content = reader(f"{base}.{version}", fd)
-            except (OSError, ValueError, MaterialError) as exc:
-                # A damaged or foreign target counts as nothing installed: the engine reinstalls.
-                logger.warning(
-                    "%s: unreadable (%s); it will be installed again", directory / base, exc
-                )
-                return None
+                for link in self._links(observed, base)[1:]:
+                    if (
+                        self._lstat(link, fd) is None
+                        or os.readlink(link, dir_fd=fd) != f"{base}.{version}"
+                    ):
+                        # A customSymbolicLinkName added or gone stale: installing again
+                        # repairs it.
+                        return None
+                try:
+                    content = reader(f"{base}.{version}", fd)
+                except FileNotFoundError:
+                    if attempt < 2 and self._current_version(base, fd) != version:
+                        continue  # pruned as the link moved on (another process installs)
+                    raise
+                return version, content, directory / base
+        except (OSError, ValueError, MaterialError) as exc:
+            # A damaged or foreign target counts as nothing installed: the engine reinstalls.
+            logger.warning("%s: unreadable (%s); it will be installed again", directory / base, exc)
         finally:
             os.close(fd)
-        return version, content, directory / base
+        return None
 
     def _current_version(self, base: str, fd: int) -> str | None:
         info = self._lstat(base, fd)
@@ -356,9 +360,11 @@ class PemDirectoryStore:
             raise FileNotFoundError(errno.ENOENT, "missing", entry)
         if stat.S_ISDIR(info.st_mode):
             with _open_dir(entry, fd, lookup=True) as sub:
-                data = self._read_regular("fullchain.pem", sub) + self._read_regular(
-                    "privkey.pem", sub
-                )
+                try:
+                    data = self._read_regular("combined.pem", sub)
+                except FileNotFoundError:  # written before there was one
+                    data = self._read_regular("fullchain.pem", sub)
+                    data += self._read_regular("privkey.pem", sub)
         else:
             data = self._read_regular(entry, fd)
         return CertificateMaterial.from_secret(data, "application/x-pem-file")
@@ -483,6 +489,9 @@ class PemDirectoryStore:
             "chain.pem": material.chain_pem(),
             "fullchain.pem": material.fullchain_pem(),
             "privkey.pem": material.key_pem(),
+            # Certificate and key in one file, read with one open: a reader naming it for both
+            # (nginx's ssl_certificate and ssl_certificate_key) never pairs two versions.
+            "combined.pem": material.to_pem_bundle(),
         }
         if self.pfx:
             files["bundle.pfx"] = material.to_pkcs12()
