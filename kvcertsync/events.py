@@ -863,6 +863,10 @@ class Announcer:
         """The events that describe the present state, for replay."""
         return ()
 
+    async def settle(self) -> None:
+        """Return once every callback has handled (or timed out on) the events published so far."""
+        await self._bus.settle(self._bus.marks())
+
     @overload
     def subscribe(
         self,

@@ -17,15 +17,14 @@ from kvcertsync.errors import StoreError
 from kvcertsync.events import CertificateUpdated, Event, InitialSyncCompleted
 from kvcertsync.feed import CertificateFeed
 from kvcertsync.material import CertificateMaterial
-from kvcertsync.settings import ObservedCertificate
 from kvcertsync.sources import MemorySource
 from kvcertsync.stores import (
-    InstalledCertificate,
     MemoryStore,
     PemDirectoryStore,
     ReadableStore,
     Store,
 )
+from tests.helpers.stores import WriteOnlyStore
 
 pytestmark = pytest.mark.anyio
 
@@ -52,24 +51,6 @@ def first(ca: TestAuthority) -> CertificateMaterial:
 @pytest.fixture(scope="module")
 def second(ca: TestAuthority) -> CertificateMaterial:
     return ca.issue(["www.example.com"])
-
-
-class WriteOnlyStore:
-    """A store that cannot give material back (a Windows store with a non-exportable key)."""
-
-    def __init__(self) -> None:
-        self.inner = MemoryStore()
-
-    def __repr__(self) -> str:
-        return "WriteOnlyStore()"
-
-    async def install(
-        self, observed: ObservedCertificate, material: CertificateMaterial, version: str
-    ) -> InstalledCertificate:
-        return await self.inner.install(observed, material, version)
-
-    async def installed(self, observed: ObservedCertificate) -> InstalledCertificate | None:
-        return await self.inner.installed(observed)
 
 
 def stores(tmp_path: Path) -> dict[str, Store]:

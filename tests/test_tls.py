@@ -21,16 +21,17 @@ import anyio.to_thread
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from kvcertsync import CertSync, ObservedCertificate, StoreError
+from kvcertsync import CertSync, StoreError
 from kvcertsync._memfile import load_cert_chain, memfd_supported
 from kvcertsync.auth import ImdsCredential
 from kvcertsync.emulator import LocalKeyVault, TestAuthority
 from kvcertsync.material import CertificateMaterial
 from kvcertsync.sources import KeyVaultSource, MemorySource
-from kvcertsync.stores import InstalledCertificate, MemoryStore, PemDirectoryStore
+from kvcertsync.stores import MemoryStore, PemDirectoryStore
 from kvcertsync.tls import ServerTLS
 from kvcertsync.uri import SecretUri
 from kvcertsync.watch import StoreWatcher
+from tests.helpers.stores import WriteOnlyStore
 
 pytestmark = pytest.mark.anyio
 
@@ -327,29 +328,14 @@ async def test_handshakes_fail_cleanly_until_a_certificate_arrives(
         assert await served(port, ca) == material.thumbprint
 
 
-class InstallOnlyStore:
-    """A store that installs but cannot read material back (as the Windows store)."""
-
-    def __init__(self) -> None:
-        self.inner = MemoryStore()
-
-    async def install(
-        self, observed: ObservedCertificate, material: CertificateMaterial, version: str
-    ) -> InstalledCertificate:
-        return await self.inner.install(observed, material, version)
-
-    async def installed(self, observed: ObservedCertificate) -> InstalledCertificate | None:
-        return await self.inner.installed(observed)
-
-
 async def test_a_store_without_read_is_named_on_entering(ca: TestAuthority) -> None:
     source = MemorySource()
     source.set(WEB, ca.issue(["web.shop.example"]))
-    sync = CertSync([WEB], store=InstallOnlyStore(), source=source, polling_interval=3600)
+    sync = CertSync([WEB], store=WriteOnlyStore(), source=source, polling_interval=3600)
     async with sync:
         await sync.wait_ready()
         with pytest.raises(
-            StoreError, match=r"InstallOnlyStore.* cannot give installed certificates back"
+            StoreError, match=r"WriteOnlyStore.* cannot give installed certificates back"
         ):
             async with ServerTLS(sync, WEB):
                 pass

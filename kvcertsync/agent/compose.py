@@ -21,6 +21,7 @@ from kvcertsync.sources.keyvault import KeyVaultSource
 from kvcertsync.stores.base import Store
 from kvcertsync.stores.memory import MemoryStore
 from kvcertsync.stores.pemdir import PemDirectoryStore
+from kvcertsync.stores.plugins import store_from_name, store_plugin_of
 from kvcertsync.stores.windows import WindowsCertStore
 
 __all__ = [
@@ -35,7 +36,7 @@ __all__ = [
 ]
 
 #: What ``--store`` accepts, for help texts and errors.
-STORE_FORMS = "pem:DIR, pem-split:DIR, windows or memory"
+STORE_FORMS = "pem:DIR, pem-split:DIR, windows, memory, or NAME[:ARGS] of a store plugin"
 
 
 def source_from_settings(
@@ -58,28 +59,19 @@ def store_from_settings(settings: AgentSettings) -> Store:
 
 
 def store_from_spec(spec: str | None, settings: AgentSettings) -> Store:
-    """The store ``spec`` names (``pem:DIR``, ``pem-split:DIR``, ``windows``, ``memory``).
+    """The store ``--store`` names: ``NAME`` or ``NAME:ARGS``, built in or from a plugin.
 
-    None means the platform's default (``store_from_settings``). ``DIR`` is where certificates
-    go whose settings name no directory of their own.
+    None means the platform's default (``store_from_settings``). The built-ins are ``pem:DIR``,
+    ``pem-split:DIR`` (``DIR`` is where certificates go whose settings name no directory of
+    their own), ``windows`` and ``memory``; ValueError says what is wrong with ``spec``.
     """
     if spec is None:
         return store_from_settings(settings)
-    kind, sep, rest = spec.partition(":")
-    if kind in ("pem", "pem-split"):
-        if not sep or not rest:
-            raise ValueError(f"--store {spec!r}: {kind} needs a directory, as in {kind}:/etc/certs")
-        layout = "split" if kind == "pem-split" else "kvlinux"
-        return PemDirectoryStore.from_settings(
-            settings, directory=Path(rest).absolute(), layout=layout
-        )
-    if sep:
-        raise ValueError(f"--store {spec!r}: {kind!r} takes no argument; use {STORE_FORMS}")
-    if kind == "windows":
-        return WindowsCertStore.from_settings(settings)
-    if kind == "memory":
-        return MemoryStore()
-    raise ValueError(f"--store {spec!r} is not a store; use {STORE_FORMS}")
+    name, sep, args = spec.partition(":")
+    try:
+        return store_from_name(name, args if sep else None, settings)
+    except ValueError as exc:
+        raise ValueError(f"--store {spec!r}: {exc}") from exc
 
 
 def consumer_paths(
@@ -113,7 +105,8 @@ def describe_store(store: Store) -> str:
         return "the Windows certificate store"
     if isinstance(store, MemoryStore):
         return "memory (nothing is written)"
-    return repr(store)
+    plugin = store_plugin_of(store)
+    return repr(store) if plugin is None else f"{store!r} (plugin {plugin.describe()})"
 
 
 def sync_from_settings(

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from kvcertsync.errors import StoreError
 from kvcertsync.settings import (
     AgentSettings,
@@ -17,6 +19,7 @@ from kvcertsync.settings import (
 from kvcertsync.stores.base import Store
 from kvcertsync.stores.memory import MemoryStore
 from kvcertsync.stores.pemdir import PemDirectoryStore
+from kvcertsync.stores.plugins import store_plugin_of
 from kvcertsync.stores.windows import WindowsCertStore
 
 __all__ = ["collisions", "describe", "machine_warnings", "placement", "problems"]
@@ -129,6 +132,9 @@ def placement(
         where = {"kind": "memory"}
     else:
         where = {"kind": type(store).__name__}
+    plugin = store_plugin_of(store)
+    if plugin is not None:
+        where["plugin"] = attrs.asdict(plugin)
     return {
         "index": index,
         "path": _cert_path(settings, index),
@@ -154,6 +160,9 @@ def describe(settings: AgentSettings, store: Store) -> Iterator[str]:
         f"polling every {settings.polling_interval:g} s; requireInitialSync "
         f"{str(settings.require_initial_sync).lower()}{link}; {_count(len(settings.observed))}"
     )
+    plugin = store_plugin_of(store)
+    if plugin is not None:
+        yield f"store plugin {plugin.describe()}"
     for cert in settings.observed:
         yield f"  {cert.uri}"
         rows = [*_where(cert, store), ("identity", identity_text(settings, cert))]

@@ -3,6 +3,13 @@
 from kvcertsync.stores.base import InstalledCertificate, InstallIncomplete, ReadableStore, Store
 from kvcertsync.stores.memory import MemoryStore
 from kvcertsync.stores.pemdir import PemDirectoryStore
+from kvcertsync.stores.plugins import (
+    StoreFactory,
+    StorePlugin,
+    StorePluginError,
+    installed_store_plugins,
+    store_from_name,
+)
 from kvcertsync.stores.windows import WindowsCertStore
 
 __all__ = [
@@ -12,5 +19,10 @@ __all__ = [
     "PemDirectoryStore",
     "ReadableStore",
     "Store",
+    "StoreFactory",
+    "StorePlugin",
+    "StorePluginError",
     "WindowsCertStore",
+    "installed_store_plugins",
+    "store_from_name",
 ]
