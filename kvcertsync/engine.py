@@ -61,6 +61,7 @@ class InitialSyncError(KvCertSyncError):
     """Some certificates could not be installed within ``initial_sync_attempts``."""
 
     def __init__(self, failures: dict[SecretUri, BaseException]) -> None:
+        #: The last error of each certificate that was never installed.
         self.failures = failures
         lines = "; ".join(f"{uri}: {type(e).__name__}: {e}" for uri, e in failures.items())
         super().__init__(f"initial sync failed for {len(failures)} certificate(s): {lines}")
@@ -69,8 +70,11 @@ class InitialSyncError(KvCertSyncError):
 class Outcome(enum.Enum):
     """How one poll of one certificate ended."""
 
+    #: A new version was installed.
     UPDATED = "updated"
+    #: The installed version is the one the vault serves.
     UNCHANGED = "unchanged"
+    #: Fetching, parsing or installing failed (``PollResult.error`` says why).
     FAILED = "failed"
 
 
@@ -78,9 +82,13 @@ class Outcome(enum.Enum):
 class PollResult:
     """The result of one poll of one observed certificate."""
 
+    #: The observed secret URL.
     uri: SecretUri
+    #: How the poll ended.
     outcome: Outcome
+    #: What is installed after the poll (None when nothing is).
     installed: InstalledCertificate | None = None
+    #: Why it failed, when it did.
     error: BaseException | None = attrs.field(default=None, eq=False)
 
 
@@ -88,6 +96,7 @@ class PollResult:
 class SyncReport:
     """What one pass did: which certificates changed, which were current, which failed."""
 
+    #: One result per certificate polled, in the order asked.
     results: tuple[PollResult, ...]
 
     @property
@@ -120,7 +129,9 @@ class SyncReport:
 class CertificateState:
     """Where one observed certificate stands now: what is installed and how its polls go."""
 
+    #: The certificate as observed (URL, store, location and the rest of its settings).
     observed: ObservedCertificate
+    #: What is installed for it now (known from the store as soon as a run starts).
     installed: InstalledCertificate | None
     #: The last poll succeeded: ``installed`` is the version the vault serves.
     current: bool

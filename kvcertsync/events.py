@@ -89,14 +89,21 @@ class Event:
 
 @attrs.frozen
 class CertificateUpdated(Event):
-    """A new version of a certificate was installed."""
+    """A new version of a certificate was installed (or, replayed, is installed)."""
 
+    #: The observed secret URL.
     uri: SecretUri
+    #: The version it replaced (None for the first install, and for a replay).
     previous_version: str | None
+    #: The Key Vault secret version now installed.
     version: str
+    #: SHA-1 of the leaf certificate, upper-case hex.
     thumbprint: str
+    #: When the leaf certificate expires (UTC).
     not_after: datetime
+    #: Where it was installed (a path, a Windows store, ``memory:<url>``).
     location: str
+    #: When it happened (UTC).
     at: datetime = attrs.field(factory=_utcnow)
     #: True when this tells of a certificate already installed (a replay on subscribe, or what a
     #: restarted engine found in its store), not of a new install; ``previous_version`` is None.
@@ -142,10 +149,15 @@ class CertificateUpdated(Event):
 class SyncFailed(Event):
     """Fetching or installing a certificate failed; ``retry_in`` is None when no retry is due."""
 
+    #: The observed secret URL.
     uri: SecretUri
+    #: What went wrong (a KvCertSyncError subclass; no secret in its message).
     error: BaseException = attrs.field(eq=False, repr=_error_repr)
+    #: Consecutive failed polls of this certificate, this one included.
     attempt: int
+    #: Seconds until the next try.
     retry_in: float | None
+    #: When it happened (UTC).
     at: datetime = attrs.field(factory=_utcnow)
 
     @property
@@ -163,8 +175,11 @@ class SyncFailed(Event):
 class SyncRecovered(Event):
     """A certificate whose polls were failing was polled successfully again."""
 
+    #: The observed secret URL.
     uri: SecretUri
+    #: How many polls in a row had failed.
     failures: int
+    #: When it happened (UTC).
     at: datetime = attrs.field(factory=_utcnow)
 
     def describe(self) -> str:
@@ -177,8 +192,11 @@ class SyncRecovered(Event):
 class InitialSyncCompleted(Event):
     """Every observed certificate has been installed at least once."""
 
+    #: How many certificates are installed.
     count: int
+    #: Seconds from the start of the run.
     duration: float
+    #: When it happened (UTC).
     at: datetime = attrs.field(factory=_utcnow)
 
     def describe(self) -> str:
@@ -191,9 +209,13 @@ class InitialSyncCompleted(Event):
 class CertificateExpiring(Event):
     """An installed certificate expires soon (or already has)."""
 
+    #: The observed secret URL.
     uri: SecretUri
+    #: When the installed certificate expires (UTC).
     not_after: datetime
+    #: How long until then (negative once expired).
     remaining: timedelta
+    #: When it was noticed (UTC).
     at: datetime = attrs.field(factory=_utcnow)
 
     def describe(self) -> str:
