@@ -11,6 +11,7 @@ class SettingsError(KvCertSyncError, ValueError):
     """The extension settings are invalid; ``path`` names the offending JSON location."""
 
     def __init__(self, message: str, path: str = "") -> None:
+        #: The JSON path of the bad value, e.g. ``secretsManagementSettings.pollingIntervalInS``.
         self.path = path
         super().__init__(f"{path}: {message}" if path else message)
 
@@ -26,10 +27,12 @@ class MaterialError(KvCertSyncError, ValueError):
 class SourceError(KvCertSyncError):
     """Fetching a secret failed; ``retryable`` and ``retry_after`` say whether and when to retry."""
 
+    #: Whether trying again soon may succeed (False: wait for the next regular poll).
     retryable: bool = True
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
+        #: Seconds the service asked to wait before the next request, when it said.
         self.retry_after = retry_after
 
 
@@ -46,6 +49,7 @@ class AccessDenied(SourceError):
 
     def __init__(self, message: str, *, code: str = "Forbidden") -> None:
         super().__init__(message)
+        #: Key Vault's inner error code: ``ForbiddenByRbac``, ``AccessDenied``, ``SecretDisabled``
         self.code = code
 
 

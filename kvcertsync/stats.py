@@ -1,6 +1,6 @@
 """Engine statistics: counters and latency histograms, kept cheaply and read as frozen snapshots.
 
-``CertSync.stats()`` returns a :class:`SyncStats`; the Prometheus exporter
+``CertSync.stats()`` returns a ``SyncStats``; the Prometheus exporter
 (``kvcertsync.agent.metrics``) reads nothing else, so library users get the same numbers
 without the ``metrics`` extra. Per-certificate facts are in ``CertSync.states()``.
 """
@@ -83,13 +83,21 @@ def failure_kind(error: BaseException) -> FailureKind:
 class FailureCounts:
     """Failed polls by kind since the engine was created."""
 
+    #: No token, or the vault refused it (AuthenticationFailed).
     auth: int = 0
+    #: The identity may not read the secret, or it is disabled (AccessDenied).
     access_denied: int = 0
+    #: The secret or version does not exist (SecretNotFound).
     not_found: int = 0
+    #: The vault answered 429 (Throttled).
     throttled: int = 0
+    #: Any other fetch failure: 5xx, timeouts, connections (SourceError).
     network: int = 0
+    #: Installing or reading the store failed (StoreError).
     store: int = 0
+    #: The secret is not a usable certificate (MaterialError).
     material: int = 0
+    #: Anything else (an unexpected error).
     other: int = 0
 
     @property
@@ -188,7 +196,7 @@ class _Histogram:
 class StatsRecorder:
     """The engine's mutable counters; plain attribute adds, so the poll path stays cheap.
 
-    Only the engine's event loop writes; any thread may call :meth:`snapshot` (values are read
+    Only the engine's event loop writes; any thread may call ``snapshot`` (values are read
     without a lock, so a snapshot taken mid-poll may lag one observation between fields).
     """
 

@@ -36,8 +36,11 @@ def _lower(value: str | None) -> str | None:
 class SecretUri:
     """A validated Key Vault secret URL; compares case-insensitively, ``str()`` is canonical."""
 
+    #: The vault's host name, e.g. ``myvault.vault.azure.net`` (with ``:port`` only off Azure).
     host: str = attrs.field(eq=str.lower)
+    #: The secret's name, as written.
     name: str = attrs.field(eq=str.lower)
+    #: The version (32 hexadecimal characters, lower case), or None for the latest.
     version: str | None = attrs.field(default=None, eq=_lower)
 
     @classmethod

@@ -24,6 +24,7 @@ from kvcertsync.agent.handler import HandlerEnvironment, find_handler_environmen
 from kvcertsync.agent.logs import LEVELS, configure_logging
 from kvcertsync.agent.notify import Notifier
 from kvcertsync.agent.preflight import describe, problems
+from kvcertsync.agent.push import PUSH_KEY_ENV, parse_push_address, read_push_key, require_key
 from kvcertsync.agent.reloads import (
     DEFAULT_BATCH_WINDOW,
     DEFAULT_HOOK_TIMEOUT,
@@ -158,6 +159,28 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
         help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST 127.0.0.1 when only a "
         "port is given; needs kvcertsync[metrics]); default: off",
     )
+    push = parser.add_argument_group("push refresh: Event Grid webhook (docs/push.md)")
+    push.add_argument(
+        "--push-address",
+        metavar="[HOST:]PORT",
+        help="receive Key Vault's Event Grid events here and poll a certificate as soon as it "
+        "changes (HOST 127.0.0.1 when only a port is given); default: off",
+    )
+    push.add_argument(
+        "--push-key-file",
+        metavar="FILE",
+        help=f"the webhook's shared key (first line; env {PUSH_KEY_ENV} instead), never on the "
+        "command line",
+    )
+    push.add_argument(
+        "--push-tls-cert",
+        metavar="PEM",
+        help="serve the webhook over HTTPS with this certificate chain (default: plain HTTP "
+        "behind a TLS-terminating proxy)",
+    )
+    push.add_argument(
+        "--push-tls-key", metavar="PEM", help="its private key, unless --push-tls-cert holds it"
+    )
     hooks = parser.add_argument_group("reload hooks (docs/hooks.md)")
     hooks.add_argument(
         "--on-change",
@@ -246,7 +269,12 @@ def agent_options(
     if not redirects and env.get(REDIRECT_ENV):
         redirects = [env[REDIRECT_ENV]]
     hooks, hooks_file = hook_options(args)
+    push_key = _push_options(args, env)
     return AgentOptions(
+        push_address=args.push_address,
+        push_key=push_key,
+        push_tls_cert=args.push_tls_cert,
+        push_tls_key=args.push_tls_key,
         hooks=hooks,
         hooks_file=hooks_file,
         metrics_address=args.metrics_address,
@@ -262,6 +290,19 @@ def agent_options(
         stop_timeout=args.stop_timeout,
         progress=args.progress,
     )
+
+
+def _push_options(args: argparse.Namespace, env: Mapping[str, str]) -> str | None:
+    """Check the --push-* options together; returns the shared key (None without the option)."""
+    if args.push_address is None:
+        given = [o for o in ("push_key_file", "push_tls_cert", "push_tls_key") if getattr(args, o)]
+        if given:
+            raise KvCertSyncError(f"--{given[0].replace('_', '-')} needs --push-address")
+        return None
+    if args.once:
+        raise KvCertSyncError("--push-address serves a running agent: it cannot go with --once")
+    parse_push_address(args.push_address)
+    return require_key(read_push_key(args.push_key_file, env))
 
 
 def _check_ca_file(path: str) -> None:
@@ -626,7 +667,16 @@ def run_parser() -> argparse.ArgumentParser:
 
 
 # Options of run whose value is a path: a service starts in %SystemRoot%\System32.
-_PATH_OPTIONS = ("--status-dir", "--log-file", "--ca-file", "--handler-environment", "--hooks")
+_PATH_OPTIONS = (
+    "--status-dir",
+    "--log-file",
+    "--ca-file",
+    "--handler-environment",
+    "--hooks",
+    "--push-key-file",
+    "--push-tls-cert",
+    "--push-tls-key",
+)
 
 
 def absolute_run_args(run_args: Sequence[str]) -> list[str]:

@@ -35,6 +35,7 @@ from kvcertsync.agent.compose import (
 )
 from kvcertsync.agent.handler import HandlerEnvironment
 from kvcertsync.agent.notify import Notifier, NullNotifier
+from kvcertsync.agent.push import push_server
 from kvcertsync.agent.reloads import Change, HookConfig, ReloadHooks
 from kvcertsync.agent.status import (
     FILE_LIMIT,
@@ -99,6 +100,13 @@ class AgentOptions:
     metrics_address: str | None = None
     #: Accept vault hosts outside Azure's clouds (a private DNS name, an emulator).
     allow_any_host: bool = False
+    #: Receive Event Grid's Key Vault events here (``HOST:PORT`` or ``PORT``), or nowhere.
+    push_address: str | None = None
+    #: The push receiver's shared key (never shown).
+    push_key: str | None = attrs.field(default=None, repr=False)
+    #: Serve the push receiver over HTTPS: a PEM chain (with its key, unless push_tls_key).
+    push_tls_cert: str | None = None
+    push_tls_key: str | None = None
 
 
 class Agent:
@@ -305,7 +313,23 @@ class Agent:
             except KvCertSyncError as exc:
                 return await self._failed_start(exc)
         try:
-            return await self._serve(sync)
+            async with contextlib.AsyncExitStack() as stack:
+                options = self.options
+                if options.push_address is not None:
+                    try:
+                        push = await stack.enter_async_context(
+                            push_server(
+                                sync,
+                                options.push_address,
+                                options.push_key,
+                                tls_cert=options.push_tls_cert,
+                                tls_key=options.push_tls_key,
+                            )
+                        )
+                    except KvCertSyncError as exc:
+                        return await self._failed_start(exc)
+                    logger.info("push refresh: Event Grid webhook at %s (key required)", push.url)
+                return await self._serve(sync)
         finally:
             if metrics is not None:
                 await anyio.to_thread.run_sync(metrics.close, abandon_on_cancel=True)

@@ -1,7 +1,7 @@
 """A Prometheus /metrics endpoint for a CertSync, built on the official ``prometheus-client``.
 
 The client is the optional ``metrics`` extra: this module imports without it, and everything that
-needs it raises :class:`MetricsUnavailable` naming ``pip install 'kvcertsync[metrics]'``.
+needs it raises ``MetricsUnavailable`` naming ``pip install 'kvcertsync[metrics]'``.
 
 Nothing here keeps state of its own: every scrape reads ``sync.stats()`` and ``sync.states()``
 (and the hook counters, when given), so the numbers can never drift from the engine's.
@@ -78,47 +78,50 @@ def _require_client() -> None:
 # --------------------------------------------------------------------------------- addresses
 
 
-def parse_metrics_address(text: str) -> tuple[str, int]:
+def parse_listen_address(text: str, what: str = "metrics address") -> tuple[str, int]:
     """``HOST:PORT``, ``[IPv6]:PORT`` or ``PORT`` (on 127.0.0.1) as ``(host, port)``."""
     value = text.strip()
     forms = "give HOST:PORT, [IPv6]:PORT or PORT (listens on 127.0.0.1)"
     if not value:
-        raise ValueError(f"the metrics address is empty: {forms}")
+        raise ValueError(f"the {what} is empty: {forms}")
     if "://" in value or "/" in value:
-        raise ValueError(f"metrics address {text!r} is a URL or path: {forms}")
+        raise ValueError(f"{what} {text!r} is a URL or path: {forms}")
     if value.startswith("["):
         inner, bracket, rest = value[1:].partition("]")
         if not bracket or not rest.startswith(":"):
-            raise ValueError(f"metrics address {text!r}: write an IPv6 address as [ADDRESS]:PORT")
+            raise ValueError(f"{what} {text!r}: write an IPv6 address as [ADDRESS]:PORT")
         host, port_text = inner, rest[1:]
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise ValueError(f"metrics address {text!r}: {host!r} is not an IPv6 address") from None
+            raise ValueError(f"{what} {text!r}: {host!r} is not an IPv6 address") from None
     elif value.count(":") > 1:
-        raise ValueError(
-            f"metrics address {text!r}: put an IPv6 address in brackets, e.g. [::1]:9464"
-        )
+        raise ValueError(f"{what} {text!r}: put an IPv6 address in brackets, e.g. [::1]:9464")
     elif ":" in value:
         host, _, port_text = value.partition(":")
         if not host:
             raise ValueError(
-                f"metrics address {text!r} has no host: give PORT for 127.0.0.1, "
+                f"{what} {text!r} has no host: give PORT for 127.0.0.1, "
                 "or 0.0.0.0:PORT to listen on every interface"
             )
         if not all(c.isalnum() or c in ".-_" for c in host):
-            raise ValueError(f"metrics address {text!r}: {host!r} is not a host name or address")
+            raise ValueError(f"{what} {text!r}: {host!r} is not a host name or address")
     else:
         host, port_text = DEFAULT_HOST, value
     if not (port_text.isascii() and port_text.isdigit()):
-        raise ValueError(f"metrics address {text!r}: port {port_text!r} is not a number: {forms}")
+        raise ValueError(f"{what} {text!r}: port {port_text!r} is not a number: {forms}")
     port = int(port_text)
     if port > 65535:
-        raise ValueError(f"metrics address {text!r}: port {port} is above 65535")
+        raise ValueError(f"{what} {text!r}: port {port} is above 65535")
     return host, port
 
 
 # --------------------------------------------------------------------------------- collector
+
+
+def parse_metrics_address(text: str) -> tuple[str, int]:
+    """``--metrics-address``: ``HOST:PORT``, ``[IPv6]:PORT`` or ``PORT`` (on 127.0.0.1)."""
+    return parse_listen_address(text)
 
 
 def _bound(bound: float) -> str:

@@ -46,17 +46,27 @@ _ARC_ENDPOINT = "http://localhost:40342/metadata/identity"
 class ProbeResult:
     """What fetching one observed certificate once found."""
 
+    #: The certificate's position in ``observedCertificates``.
     index: int
+    #: Its JSON path in the settings.
     path: str
+    #: The secret URL.
     uri: SecretUri
+    #: The identity it was read as, in words.
     identity: str
+    #: The secret was read and is a certificate with its private key.
     ok: bool
     #: The vault answered (with the secret or with an error of its own).
     reachable: bool
+    #: The version read (when ``ok``).
     version: str | None = None
+    #: The secret's content type (when ``ok``).
     content_type: str | None = None
+    #: The certificate's SHA-1 thumbprint (when ``ok``).
     thumbprint: str | None = None
+    #: When the certificate expires (when ``ok``).
     not_after: datetime | None = None
+    #: The certificate's DNS names (when ``ok``).
     dns_names: tuple[str, ...] = ()
     #: A stable code for the failure (``secret-not-found``, ``forbidden-by-rbac``...).
     code: str | None = None

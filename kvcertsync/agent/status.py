@@ -77,9 +77,13 @@ _MESSAGE = re.compile(
 class Phase(enum.Enum):
     """The status values the VM agent knows."""
 
+    #: Not there yet: the initial sync is running (or a certificate was not polled yet).
     TRANSITIONING = "transitioning"
+    #: Everything installed and current.
     SUCCESS = "success"
+    #: Installed, but something failed since (the installed certificate stays in place).
     WARNING = "warning"
+    #: Not installed and failing (or the initial sync used up its attempts).
     ERROR = "error"
 
     @property
@@ -92,12 +96,19 @@ class Phase(enum.Enum):
 class CertificateStatus:
     """One certificate as a status file tells it."""
 
+    #: The observed secret URL.
     name: str
+    #: Where it stands.
     phase: Phase
+    #: The installed version, or None when nothing is installed.
     version: str | None = None
+    #: The installed certificate's SHA-1 thumbprint.
     thumbprint: str | None = None
+    #: When the installed certificate expires (UTC).
     not_after: datetime | None = None
+    #: Where it is installed (a file path, a Windows store).
     location: str | None = None
+    #: The last poll's failure as ``Type: message``, or None.
     error: str | None = None
     #: The reload hook that ran for its last change failed: why.
     hook_error: str | None = None
@@ -174,11 +185,17 @@ class CertificateStatus:
 class StatusReport:
     """The whole status: the agent's phase and message, and every certificate."""
 
+    #: The handler's name in the status file (``kvcertsync``).
     name: str
+    #: The agent's phase: the worst that applies.
     phase: Phase
+    #: One line for a person, e.g. ``2 certificates installed and current``.
     message: str
+    #: One entry per observed certificate, failing ones first.
     certificates: tuple[CertificateStatus, ...]
+    #: When the report was made (UTC).
     timestamp: datetime = attrs.field(factory=lambda: datetime.now(UTC))
+    #: The VM agent's operation name for the sequence (``Enable``).
     operation: str = "Enable"
     #: Certificates left out of the file to keep it within FILE_LIMIT.
     omitted: int = 0

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from kvcertsync.emulator._json import json_object
 from kvcertsync.emulator.store import VaultError
+from kvcertsync.emulator.webhooks import WebhookError
 from kvcertsync.errors import MaterialError
 from kvcertsync.material import PKCS12_CONTENT_TYPE
 
@@ -103,6 +104,8 @@ class AdminApi:
             if method == "POST":
                 self._set_faults(await self._body(request))
                 return kv.faults()
+        if head == "webhooks":
+            return await self._webhook_route(request, rest)
         if len(rest) >= 2 and head in ("secrets", "certificates", "rotate", "disable", "enable"):
             return await self._secret_route(request, head, rest)
         raise AdminError(f"no admin route {method} {request.path}", status=404)
@@ -172,6 +175,36 @@ class AdminApi:
             )
             action(vault, name, version)
             return {"name": name, "version": version or kv.versions(vault, name)[-1]}
+        raise AdminError(f"no admin route {method} {request.path}", status=404)
+
+    async def _webhook_route(self, request: web.BaseRequest, rest: list[str]) -> Any:
+        kv = self._kv
+        method = request.method
+        if not rest or rest == [""]:
+            if method == "GET":
+                return [hook.describe() for hook in kv.webhooks]
+            if method == "POST":
+                body = await self._body(request)
+                url = body.get("url")
+                if not isinstance(url, str):
+                    raise AdminError("'url' (a string) is required")
+                try:
+                    hook = await kv.add_webhook(
+                        url,
+                        schema=_field(body, "schema", str, "eventgrid"),
+                        event_types=_field(body, "eventTypes", list, None),
+                        max_attempts=_field(body, "maxAttempts", int, 5),
+                        ca_file=_field(body, "caFile", str, None),
+                    )
+                except WebhookError as error:
+                    raise AdminError(str(error)) from None
+                return hook.describe()
+        elif len(rest) == 1 and method == "DELETE":
+            try:
+                kv.remove_webhook(rest[0])
+            except KeyError:
+                raise AdminError(f"no webhook {rest[0]!r}", status=404) from None
+            return {"removed": rest[0]}
         raise AdminError(f"no admin route {method} {request.path}", status=404)
 
     def _set_faults(self, body: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ from kvcertsync.emulator.store import (
     StoredSecret,
     VaultError,
     VaultStore,
+    _Version,
     bad_parameter,
     deleted_bundle,
     deleted_item,
@@ -37,6 +38,7 @@ from kvcertsync.emulator.store import (
     secret_item,
 )
 from kvcertsync.emulator.tls import ServerTLS
+from kvcertsync.emulator.webhooks import EventHandler, Schema, Webhook, Webhooks
 from kvcertsync.material import PEM_CONTENT_TYPE, PKCS12_CONTENT_TYPE, CertificateMaterial
 
 __all__ = ["DEFAULT_TENANT_ID", "LOCAL_VAULT", "LocalKeyVault", "RequestRecord"]
@@ -280,6 +282,8 @@ class LocalKeyVault:
         self._store = VaultStore()
         self._lock = threading.Lock()
         self._tokens: dict[str, _Grant] = {}
+        self._revoked: set[str] = set()
+        self._issued: collections.deque[str] = collections.deque(maxlen=request_log_size)
         self._request_counts: collections.Counter[str] = collections.Counter()
         self._requests: collections.deque[RequestRecord] = collections.deque(
             maxlen=request_log_size
@@ -297,6 +301,7 @@ class LocalKeyVault:
         self._imds_port: int | None = None
         self._closing = asyncio.Event()
         self._admin = AdminApi(self)
+        self._webhooks = Webhooks()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -352,6 +357,7 @@ class LocalKeyVault:
         self._closing.set()
         runners, self._runners = self._runners, []
         try:
+            await self._webhooks.aclose()
             for runner in reversed(runners):
                 await runner.cleanup()
         finally:
@@ -468,7 +474,7 @@ class LocalKeyVault:
         tags: Mapping[str, str] | None = None,
     ) -> str:
         """Add a version of a secret (creating vault and secret as needed); returns the version."""
-        _, record = self._store.set(
+        secret, record = self._store.set(
             vault.lower(),
             name,
             value,
@@ -478,6 +484,7 @@ class LocalKeyVault:
             expires=_epoch(expires),
             tags=tags,
         )
+        self._published(vault.lower(), secret.name, record)
         return record.version
 
     def import_certificate(
@@ -496,7 +503,7 @@ class LocalKeyVault:
         (base64-encoded here) or PEM text; a str is stored as given. Returns the version.
         """
         material, value = _encode_certificate(certificate, content_type)
-        _, record = self._store.set(
+        secret, record = self._store.set(
             vault.lower(),
             name,
             value,
@@ -507,6 +514,7 @@ class LocalKeyVault:
             tags=tags,
             managed=True,
         )
+        self._published(vault.lower(), secret.name, record)
         return record.version
 
     def rotate(
@@ -571,6 +579,70 @@ class LocalKeyVault:
         """Remove a soft-deleted secret for good, so its name can be used again."""
         self._store.purge(vault.lower(), name)
 
+    # ------------------------------------------------------------------ webhooks (Event Grid)
+
+    async def add_webhook(
+        self,
+        url: str,
+        *,
+        schema: Schema = "eventgrid",
+        event_types: Iterable[str] | None = None,
+        max_attempts: int = 5,
+        ca_file: str | None = None,
+    ) -> Webhook:
+        """Deliver Key Vault events to ``url`` as Event Grid does, once it passes validation.
+
+        ``schema``: ``eventgrid`` or ``cloudevents``; ``event_types``: the default is
+        Secret- and CertificateNewVersionCreated. An https URL is verified against the system's
+        CAs, this emulator's CA and ``ca_file``. Raises WebhookError.
+        """
+        return await self._webhooks.register(
+            url,
+            schema=schema,
+            event_types=event_types,
+            max_attempts=max_attempts,
+            ca_file=ca_file,
+            ca_pem=self.ca_pem,
+        )
+
+    async def add_event_handler(
+        self,
+        handler: EventHandler,
+        *,
+        schema: Schema = "eventgrid",
+        event_types: Iterable[str] | None = None,
+        max_attempts: int = 5,
+    ) -> Webhook:
+        """Deliver Key Vault events to ``await handler(event)``: a queue, as Event Grid can."""
+        return await self._webhooks.register_handler(
+            handler, schema=schema, event_types=event_types, max_attempts=max_attempts
+        )
+
+    def remove_webhook(self, webhook_id: str) -> None:
+        """Stop delivering to a webhook (KeyError if there is none of that id)."""
+        self._webhooks.remove(webhook_id)
+
+    @property
+    def webhooks(self) -> list[Webhook]:
+        """The registered webhooks, with their delivery counts and recent deliveries."""
+        return self._webhooks.registered()
+
+    async def wait_webhooks(self) -> None:
+        """Return once every event so far is delivered to its webhooks or given up on."""
+        await self._webhooks.wait_idle()
+
+    def _published(self, vault: str, name: str, record: _Version) -> None:
+        url = self.local_url if vault == LOCAL_VAULT and self._port else self.vault_url(vault)
+        self._webhooks.publish(
+            vault,
+            url,
+            name,
+            record.version,
+            certificate=record.managed,
+            not_before=record.not_before,
+            expires=record.expires,
+        )
+
     # ------------------------------------------------------------------ faults
 
     def throttle(
@@ -633,6 +705,20 @@ class LocalKeyVault:
         key = vault.lower() if vault else None
         with self._lock:
             self._drops[key] = _Countdown(times)
+
+    def revoke_tokens(self) -> int:
+        """Make the vault refuse every token issued so far (clients still trust theirs)."""
+        with self._lock:
+            revoked = len(self._tokens)
+            self._revoked.update(self._tokens)
+            self._tokens.clear()
+        return revoked
+
+    @property
+    def issued_tokens(self) -> list[str]:
+        """The tokens IMDS issued (the last ``request_log_size``), to check that none leaks."""
+        with self._lock:
+            return list(self._issued)
 
     def fail_imds(self, status: int, times: int | None = 1) -> None:
         """Answer the next ``times`` IMDS requests with ``status`` (404, 410, 429, 500...)."""
@@ -780,6 +866,9 @@ class LocalKeyVault:
             return self._challenge(resource, "AKV10000: Request is missing a Bearer or PoP token.")
         with self._lock:
             grant = self._tokens.get(token)
+            revoked = token in self._revoked
+        if revoked:
+            return self._challenge(resource, "The access token has been revoked.")
         if grant is None:
             return self._challenge(
                 resource, "The bearer token was not issued by this emulator's IMDS endpoint."
@@ -926,6 +1015,7 @@ class LocalKeyVault:
             expires=_opt(attributes, "exp", int, "a number of seconds"),
             tags=_tags(body),
         )
+        self._published(vault, secret.name, record)
         return _json_response(200, secret_bundle(base, secret, record))
 
     async def _patch(
@@ -1047,6 +1137,7 @@ class LocalKeyVault:
             for stale in expired:
                 del self._tokens[stale]
             self._tokens[token] = _Grant(resource, client_id, expires_on)
+            self._issued.append(token)
         logger.debug("IMDS issued a token for %s (client %s)", resource, client_id)
         return {
             "access_token": token,

@@ -16,13 +16,21 @@ __all__ = ["SecretSource", "SecretVersion"]
 class SecretVersion:
     """One version of a secret as fetched; ``value`` is secret and never shown in reprs."""
 
+    #: The secret URL that was asked for.
     uri: SecretUri
+    #: The version fetched (32 hexadecimal characters), from the secret's ``id``.
     version: str
+    #: The secret value: base64 PKCS#12 or PEM text for a certificate's secret.
     value: str = attrs.field(repr=False)
+    #: ``application/x-pkcs12``, ``application/x-pem-file``, or what the vault says.
     content_type: str | None = None
+    #: False when this version is disabled; such a version is never installed.
     enabled: bool = True
+    #: The version's ``nbf``: it must not be installed before then (UTC).
     not_before: datetime | None = None
+    #: The version's ``exp`` (UTC).
     expires: datetime | None = None
+    #: When the version was last updated in the vault (UTC).
     updated: datetime | None = None
 
     def usable_at(self, now: datetime) -> str | None:
