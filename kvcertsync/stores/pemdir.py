@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal, NamedTuple, TypeVar
 
@@ -55,6 +56,9 @@ DEFAULT_DIRECTORY = "/var/lib/waagent/Microsoft.Azure.KeyVault.Store"
 Layout = Literal["kvlinux", "split"]
 
 _T = TypeVar("_T")
+# A leaf certificate's thumbprint and expiry: all an InstalledCertificate needs of it.
+_LeafFacts = tuple[str, datetime]
+_FACTS_LIMIT = 100_000
 _VERSION = re.compile(r"[0-9a-f]{32}")
 _TEMP_PREFIX = ".kvcertsync-tmp-"
 # Versions on their way out: renamed first, so a crash mid-delete leaves no half version visible.
@@ -157,6 +161,8 @@ class PemDirectoryStore:
         self.gid = self._gid(group)
         self.apply_acls = apply_acls
         self.pfx = pfx
+        # What each version file's leaf is, by inode (see _facts_of).
+        self._facts: dict[tuple[int, int], tuple[tuple[int, int, int], _LeafFacts]] = {}
         # (directory, reader) pairs already warned about: once per store, not once per install.
         self._warned: set[tuple[str, str]] = set()
 
@@ -275,7 +281,7 @@ class PemDirectoryStore:
     # ------------------------------------------------------------------ reading
 
     def _installed(self, observed: ObservedCertificate) -> InstalledCertificate | None:
-        found = self._lookup(observed, self._read_leaf)
+        found = self._lookup(observed, self._leaf_facts)
         if found is None:
             return None
         version, leaf, link = found
@@ -288,7 +294,8 @@ class PemDirectoryStore:
         if found is None:
             return None
         version, material, link = found
-        return self._record(observed, version, material.certificate, link), material
+        facts = (material.thumbprint, material.not_after)
+        return self._record(observed, version, facts, link), material
 
     def _lookup(
         self, observed: ObservedCertificate, reader: Callable[[str, int], _T]
@@ -343,16 +350,36 @@ class PemDirectoryStore:
             raise StoreError(f"{base} points at {target!r}, which kvcertsync did not write")
         return version
 
-    def _read_leaf(self, entry: str, fd: int) -> x509.Certificate:
+    def _leaf_facts(self, entry: str, fd: int) -> _LeafFacts:
         info = self._lstat(entry, fd)
         if info is None:
             raise FileNotFoundError(errno.ENOENT, "missing", entry)
         if stat.S_ISDIR(info.st_mode):
             with _open_dir(entry, fd, lookup=True) as sub:
-                data = self._read_regular("cert.pem", sub)
-        else:
-            data = self._read_regular(entry, fd)
-        return x509.load_pem_x509_certificate(data)
+                return self._facts_of("cert.pem", sub)
+        return self._facts_of(entry, fd)
+
+    def _facts_of(self, name: str, dir_fd: int) -> _LeafFacts:
+        """The leaf's thumbprint and expiry, parsed once per file.
+
+        Version files are never changed in place (each is written whole, then renamed), so
+        a file whose inode, size, mtime and ctime are unchanged holds what it held: an
+        unchanged poll costs a stat, not a read and a parse. Damage changes the ctime.
+        """
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", name)
+        key = (info.st_dev, info.st_ino)
+        signature = (info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        cached = self._facts.get(key)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        leaf = x509.load_pem_x509_certificate(self._read_regular(name, dir_fd))
+        facts = (certificate_thumbprint(leaf), leaf.not_valid_after_utc)
+        if len(self._facts) >= _FACTS_LIMIT:
+            self._facts.clear()  # superseded versions' entries pile up otherwise
+        self._facts[key] = (signature, facts)
+        return facts
 
     def _read_material(self, entry: str, fd: int) -> CertificateMaterial:
         info = self._lstat(entry, fd)
@@ -381,13 +408,14 @@ class PemDirectoryStore:
             os.close(file_fd)
 
     def _record(
-        self, observed: ObservedCertificate, version: str, leaf: x509.Certificate, link: Path
+        self, observed: ObservedCertificate, version: str, leaf: _LeafFacts, link: Path
     ) -> InstalledCertificate:
+        thumbprint, not_after = leaf
         return InstalledCertificate(
             uri=observed.uri,
             version=version,
-            thumbprint=certificate_thumbprint(leaf),
-            not_after=leaf.not_valid_after_utc,
+            thumbprint=thumbprint,
+            not_after=not_after,
             location=str(link),
         )
 
@@ -444,7 +472,8 @@ class PemDirectoryStore:
             raise
         # The links point at the new version: it is live. Trouble after this is not a failed
         # install (that would hide the update from every hook): it is reported alongside.
-        record = self._record(observed, version, material.certificate, directory / base)
+        facts = (material.thumbprint, material.not_after)
+        record = self._record(observed, version, facts, directory / base)
         logger.info(
             "installed %s version %s into %s",
             observed.uri,
