@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import logging
 import re
+import warnings
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Literal, TypeAlias, TypeVar
@@ -37,6 +38,12 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# cryptography warns (on the user's stderr) when it reads a damaged PFX as BER; what the value is
+# gets said by a MaterialError instead. A filter, since catch_warnings is not thread-safe.
+warnings.filterwarnings(
+    "ignore", message="PKCS#12 bundle could not be parsed as DER", category=UserWarning
+)
 
 PKCS12_CONTENT_TYPE = "application/x-pkcs12"
 PEM_CONTENT_TYPE = "application/x-pem-file"
@@ -119,6 +126,12 @@ class CertificateMaterial:
         if not isinstance(private_key, _SUPPORTED_KEYS):
             raise MaterialError(_unsupported_key_message(private_key)) from None
         unique = _dedupe(certificates)
+        for position, certificate in enumerate(unique, start=1):
+            if not _names_parse(certificate):
+                raise MaterialError(
+                    f"certificate {position} of the secret has a subject or issuer that does "
+                    "not parse"
+                ) from None
         if not unique:
             raise MaterialError("the secret holds a private key but no certificate") from None
         key_spki = _key_spki(private_key)
@@ -518,7 +531,8 @@ def _pem_certificate(label: str, body: str, index: int) -> x509.Certificate:
     if der is not None:
         try:
             certificate = x509.load_der_x509_certificate(der)
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):
+            # InvalidVersion (a version other than 1-3) is no ValueError in cryptography.
             certificate = None
     if certificate is None:
         raise MaterialError(f"PEM block {index} ({label}) is not a valid certificate") from None
@@ -603,6 +617,15 @@ def _extension(certificate: x509.Certificate, kind: type[_E]) -> _E | None:
     except (x509.ExtensionNotFound, ValueError):
         # ValueError: cryptography refuses malformed or duplicate extensions; treat as absent.
         return None
+
+
+def _names_parse(certificate: x509.Certificate) -> bool:
+    """Whether the subject and issuer parse (cryptography reads them only on first use)."""
+    try:
+        certificate.subject, certificate.issuer  # noqa: B018 - parsed on access
+    except ValueError:
+        return False
+    return True
 
 
 def _is_ca(certificate: x509.Certificate) -> bool:

@@ -13,8 +13,9 @@ from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.pipeline.transport import AioHttpTransport
 from azure.identity.aio import ManagedIdentityCredential
 
+from kvcertsync.auth.endpoint import EndpointWatch
 from kvcertsync.auth.imds import DEFAULT_API_VERSION, ImdsCredential, token_url
-from kvcertsync.auth.shared import share
+from kvcertsync.auth.shared import TOKEN_TIMEOUT, SharedCredential
 from kvcertsync.settings import AgentSettings, ObservedCertificate
 from kvcertsync.uri import SecretUri
 
@@ -74,30 +75,47 @@ def credential_from_settings(
 
     No ``msiEndpoint`` or Azure's standard IMDS endpoint: azure-identity's
     ``ManagedIdentityCredential`` (system-assigned, or user-assigned with a client id). Any other
-    endpoint (Azure Arc, an emulator, a proxy): :class:`ImdsCredential`. A ``session`` is used,
+    endpoint (Azure Arc, an emulator, a proxy): ``ImdsCredential``. A ``session`` is used,
     never closed, by the credential.
+    """
+    return _credential(auth, override_client_id, session, None)[0]
+
+
+def _credential(
+    auth: AgentSettings | None,
+    override_client_id: str | None,
+    session: aiohttp.ClientSession | None,
+    watch: EndpointWatch | None,
+) -> tuple[AsyncTokenCredential, EndpointWatch | None]:
+    """The credential ``credential_from_settings`` picks, and the watch of its endpoint.
+
+    ``watch`` is fed by an azure-identity credential's requests; an ImdsCredential has its own.
     """
     endpoint = auth.msi_endpoint if auth is not None else None
     client_id = override_client_id or (auth.msi_client_id if auth is not None else None)
     if endpoint is None or is_standard_imds(endpoint):
-        kwargs: dict[str, Any] = {}
+        # The watch learns the URL from the first request: azure-identity picks it (IMDS, or
+        # what the environment names: App Service, Arc, Cloud Shell...).
+        kwargs: dict[str, Any] = watch.hooks() if watch is not None else {}
         if session is not None:
             kwargs["transport"] = AioHttpTransport(session=session, session_owner=False)
         logger.debug(
             "using azure-identity ManagedIdentityCredential (%s)",
             f"client_id {client_id}" if client_id else "system-assigned",
         )
-        return ManagedIdentityCredential(client_id=client_id, **kwargs)
+        return ManagedIdentityCredential(client_id=client_id, **kwargs), watch
     api_version = ARC_API_VERSION if is_arc_endpoint(endpoint) else DEFAULT_API_VERSION
     credential = ImdsCredential(endpoint, client_id, session=session, api_version=api_version)
     logger.debug("using %r", credential)
-    return credential
+    return credential, credential.watch
 
 
 class CredentialCache:
     """One credential per (msiEndpoint, client id), shared by every certificate with that identity.
 
-    ``aclose()`` (or leaving ``async with``) closes every credential it handed out.
+    Each is a SharedCredential whose token requests end after ``token_timeout`` seconds, and whose
+    failures name the managed identity endpoint. ``aclose()`` (or leaving ``async with``) closes
+    every credential it handed out.
     """
 
     def __init__(
@@ -105,10 +123,12 @@ class CredentialCache:
         settings: AgentSettings | None = None,
         *,
         session: aiohttp.ClientSession | None = None,
+        token_timeout: float | None = TOKEN_TIMEOUT,
     ) -> None:
         self._settings = settings
         self._session = session
-        self._credentials: dict[tuple[str | None, str | None], AsyncTokenCredential] = {}
+        self._token_timeout = token_timeout
+        self._credentials: dict[tuple[str | None, str | None], SharedCredential] = {}
         self._closed = False
 
     def __len__(self) -> int:
@@ -129,7 +149,7 @@ class CredentialCache:
         # Client ids are GUIDs: case does not make a different identity.
         return endpoint, client_id.strip().lower() if client_id else None
 
-    def get(self, client_id: str | None = None) -> AsyncTokenCredential:
+    def get(self, client_id: str | None = None) -> SharedCredential:
         """The credential for ``client_id`` (default: the settings' ``msiClientId``)."""
         if self._closed:
             raise RuntimeError("this CredentialCache is closed")
@@ -138,19 +158,18 @@ class CredentialCache:
         key = self._key(client_id)
         credential = self._credentials.get(key)
         if credential is None:
-            credential = share(
-                credential_from_settings(self._settings, client_id, session=self._session)
-            )
+            inner, watch = _credential(self._settings, client_id, self._session, EndpointWatch())
+            credential = SharedCredential(inner, timeout=self._token_timeout, watch=watch)
             self._credentials[key] = credential
         return credential
 
-    def for_certificate(self, observed: ObservedCertificate) -> AsyncTokenCredential:
+    def for_certificate(self, observed: ObservedCertificate) -> SharedCredential:
         """The credential for one certificate, honouring its ``authenticationOverride``."""
         return self.get(observed.msi_client_id)
 
     def overrides(
         self, observed: Iterable[ObservedCertificate]
-    ) -> dict[SecretUri, AsyncTokenCredential]:
+    ) -> dict[SecretUri, SharedCredential]:
         """Credentials of the certificates that have an ``authenticationOverride``, by URI."""
         return {cert.uri: self.for_certificate(cert) for cert in observed if cert.msi_client_id}
 

@@ -22,10 +22,14 @@ import anyio
 import anyio.to_thread
 import attrs
 from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
-from azure.core.exceptions import ClientAuthenticationError
 
 from kvcertsync._http import retry_after
-from kvcertsync.errors import AuthenticationFailed
+from kvcertsync.auth.endpoint import (
+    EndpointWatch,
+    ImdsAuthenticationError,
+    imds_guidance,
+    imds_retryable,
+)
 
 __all__ = [
     "DEFAULT_API_VERSION",
@@ -46,9 +50,6 @@ _TOKEN_PATH: Final = "/oauth2/token"  # noqa: S105 - a URL path
 _ARC_KEY_MAX_BYTES: Final = 4096
 _ARC_CHALLENGE = re.compile(r"\s*basic\s+realm\s*=\s*(?P<realm>.+?)\s*$", re.IGNORECASE)
 _DIGITS = re.compile(r"\d+")
-# Statuses the IMDS documentation says to retry: 404 and 410 while IMDS is being updated,
-# 429 when throttled, 5xx for transient failures.
-_RETRYABLE: Final = frozenset({404, 410, 429})
 _GONE: Final = 410
 # A token this close to its expiry is treated as expired: requests still in flight need time.
 _EXPIRY_SKEW: Final = 10.0
@@ -64,43 +65,6 @@ def arc_key_directory(platform: str = sys.platform) -> str | None:
         if program_data:
             return os.path.join(program_data, "AzureConnectedMachineAgent", "Tokens")
     return None
-
-
-class ImdsAuthenticationError(AuthenticationFailed, ClientAuthenticationError):
-    """No token could be obtained from the managed identity endpoint.
-
-    It is both kvcertsync's ``AuthenticationFailed`` and azure-core's ``ClientAuthenticationError``
-    (what Azure SDK clients expect a credential to raise). It carries no HTTP response, so
-    ``status_code`` is None; ``imds_status`` holds the endpoint's HTTP status, when there was one.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        endpoint: str,
-        imds_status: int | None = None,
-        retryable: bool = True,
-        retry_after: float | None = None,
-    ) -> None:
-        ClientAuthenticationError.__init__(self, message=message)
-        self.retry_after = retry_after
-        self.retryable = retryable
-        self.endpoint = endpoint
-        self.imds_status = imds_status
-
-    def __str__(self) -> str:
-        return self.message
-
-    def copy(self) -> ImdsAuthenticationError:
-        """A new exception with the same details, to raise again elsewhere."""
-        return ImdsAuthenticationError(
-            self.message,
-            endpoint=self.endpoint,
-            imds_status=self.imds_status,
-            retryable=self.retryable,
-            retry_after=self.retry_after,
-        )
 
 
 @attrs.frozen
@@ -159,6 +123,7 @@ class _Failure(Exception):
         retryable: bool = False,
         retry_after: float | None = None,
         realm: str | None = None,
+        answered: bool = True,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -166,6 +131,7 @@ class _Failure(Exception):
         self.retryable = retryable
         self.retry_after = retry_after
         self.realm = realm
+        self.answered = answered
 
 
 def token_url(endpoint: str) -> str:
@@ -319,6 +285,7 @@ class ImdsCredential:
         self._clock = clock
         self._session = session
         self._owns_session = session is None
+        self._watch = EndpointWatch(self._url)
         self._tokens: dict[str, _CachedToken] = {}
         # The last failed fetch per resource, so callers queued behind it fail with it at once.
         self._failures: dict[str, tuple[float, ImdsAuthenticationError]] = {}
@@ -330,6 +297,11 @@ class ImdsCredential:
     def endpoint(self) -> str:
         """The token URL this credential calls (no query)."""
         return self._url
+
+    @property
+    def watch(self) -> EndpointWatch:
+        """What the endpoint answered lately (read by SharedCredential when a request times out)."""
+        return self._watch
 
     @property
     def client_id(self) -> str | None:
@@ -497,9 +469,12 @@ class ImdsCredential:
     def _error(self, failure: _Failure, resource: str, attempts: int) -> ImdsAuthenticationError:
         who = f"client_id {self._client_id}" if self._client_id else "the system-assigned identity"
         tries = f" after {attempts} attempts" if attempts > 1 else ""
+        advice = imds_guidance(failure.status if failure.answered else None)
+        if failure.status is None and failure.answered:
+            advice = ""  # a reply we could not use: the message says what was wrong with it
         return ImdsAuthenticationError(
-            f"managed identity token request to {self._url} for {resource} ({who}) "
-            f"failed{tries}: {failure.message}",
+            f"managed identity endpoint {self._url} (token for {resource}, {who}) "
+            f"failed{tries}: {failure.message}" + (f"; {advice}" if advice else ""),
             endpoint=self._url,
             imds_status=failure.status,
             retryable=failure.retryable,
@@ -526,6 +501,7 @@ class ImdsCredential:
     ) -> _CachedToken:
         session = self._session_for_request()
         logger.debug("requesting a token from %s for %s", self._url, resource)
+        self._watch.sent()
         try:
             async with session.get(
                 self._url,
@@ -538,9 +514,14 @@ class ImdsCredential:
                 body = await response.read()
                 response_headers = response.headers
         except TimeoutError:
-            raise _Failure(f"no answer within {self._timeout:g} s", retryable=True) from None
+            raise _Failure(
+                f"did not answer within {self._timeout:g} s", retryable=True, answered=False
+            ) from None
         except aiohttp.ClientError as exc:
-            raise _Failure(f"connection failed ({type(exc).__name__})", retryable=True) from None
+            raise _Failure(
+                f"connection failed ({type(exc).__name__})", retryable=True, answered=False
+            ) from None
+        self._watch.answered(status)
         if status == 200:
             return self._parse(body)
         detail = _error_detail(body)
@@ -554,7 +535,7 @@ class ImdsCredential:
         raise _Failure(
             message,
             status=status,
-            retryable=status in _RETRYABLE or 500 <= status <= 599,
+            retryable=imds_retryable(status),
             retry_after=retry_after(response_headers),
         )
 

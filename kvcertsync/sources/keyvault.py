@@ -19,11 +19,12 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 from azure.core.pipeline.transport import AioHttpTransport
+from azure.keyvault.secrets import KeyVaultSecret
 from azure.keyvault.secrets.aio import SecretClient
 
 from kvcertsync._http import retry_after
 from kvcertsync.auth import CredentialCache
-from kvcertsync.auth.shared import share
+from kvcertsync.auth.shared import TOKEN_TIMEOUT, SharedCredential, share, token_use
 from kvcertsync.errors import (
     AccessDenied,
     AuthenticationFailed,
@@ -44,18 +45,19 @@ __all__ = ["KeyVaultSource", "map_error"]
 logger = logging.getLogger(__name__)
 
 
-def _error_codes(error: HttpResponseError) -> tuple[str | None, str | None]:
-    """The service's error code and inner error code, read from the response body."""
+def _service_error(error: HttpResponseError) -> tuple[str | None, str | None, str | None]:
+    """The service's error code, inner error code and message, read from the response body."""
     response = error.response
     if response is None:
-        return None, None
+        return None, None, None
     try:
         body = json.loads(response.text())
         detail = body["error"]
         inner = detail.get("innererror") or {}
-        return detail.get("code"), inner.get("code")
+        message = detail.get("message")
+        return detail.get("code"), inner.get("code"), message if isinstance(message, str) else None
     except (ValueError, TypeError, KeyError, AttributeError):
-        return None, None
+        return None, None, None
 
 
 def _causes(error: BaseException) -> list[BaseException]:
@@ -88,7 +90,7 @@ def map_error(uri: SecretUri, error: BaseException) -> SourceError:
         return SecretNotFound(f"{uri}: secret not found (404)")
     if isinstance(error, HttpResponseError) and error.status_code is not None:
         status = error.status_code
-        code, inner = _error_codes(error)
+        code, inner, _ = _service_error(error)
         headers: Mapping[str, str] = getattr(error.response, "headers", None) or {}
         detail = f"{status} {inner or code or error.reason or ''}".strip()
         if status == 403:
@@ -121,9 +123,33 @@ def map_error(uri: SecretUri, error: BaseException) -> SourceError:
     return _permanent(SourceError(f"{uri}: unexpected {type(error).__name__}"))
 
 
+def _refused(uri: SecretUri, error: ClientAuthenticationError, note: str) -> SourceError:
+    """The vault's 401 to the token it was sent, said as such, with ``note`` on what was tried."""
+    code, _, message = _service_error(error)
+    detail = "; ".join(part for part in (code, message) if part)
+    return AuthenticationFailed(
+        f"{uri}: the vault refused the token (401{': ' + detail if detail else ''}), {note}"
+    )
+
+
+class _TokenRefused(Exception):
+    """The vault answered 401 to a token the credential gave: it no longer takes that token."""
+
+    def __init__(self, token: str, error: ClientAuthenticationError) -> None:
+        super().__init__("the vault refused the token")  # never the token itself
+        self.token = token
+        self.error = error
+
+
 class KeyVaultSource:
     """Reads secrets with ``azure.keyvault.secrets.aio.SecretClient``: a client per vault and
-    identity, all on one aiohttp session; the SDK's retries are off (the engine retries)."""
+    identity, all on one aiohttp session; the SDK's retries are off (the engine retries).
+
+    ``timeout`` bounds the vault's part of each request; fetching a token has its own bound,
+    ``token_timeout`` (it applies to credentials this source wraps; a SharedCredential given
+    keeps its own). A 401 from the vault to a token the credential still trusts (revoked, a
+    clock off) makes the source fetch a fresh token and ask once more.
+    """
 
     def __init__(
         self,
@@ -138,16 +164,22 @@ class KeyVaultSource:
         api_version: str | None = None,
         owns_credentials: bool = False,
         trust_env: bool | None = None,
+        token_timeout: float | None = TOKEN_TIMEOUT,
     ) -> None:
         if ca_file is not None and ssl_context is not None:
             raise ValueError("give ca_file or ssl_context, not both")
         if not timeout > 0:
             raise ValueError("timeout must be positive")
+        if token_timeout is not None and not token_timeout > 0:
+            raise ValueError("token_timeout must be positive (or None: unbounded)")
         self._ssl = ssl_context or ssl.create_default_context(cafile=ca_file)
         if not self._ssl.check_hostname or self._ssl.verify_mode != ssl.CERT_REQUIRED:
             raise ValueError("TLS verification must stay on (check_hostname and CERT_REQUIRED)")
-        self._credential = share(credential)
-        self._overrides = {uri.latest: share(c) for uri, c in (credentials or {}).items()}
+        self._token_timeout = token_timeout
+        self._credential = share(credential, timeout=token_timeout)
+        self._overrides = {
+            uri.latest: share(c, timeout=token_timeout) for uri, c in (credentials or {}).items()
+        }
         self._owned: list[AsyncTokenCredential] = []
         if owns_credentials:
             self._owned = list(
@@ -183,7 +215,7 @@ class KeyVaultSource:
             if any(o.msi_client_id for o in settings.observed):
                 logger.warning("a credential was given: authenticationOverride entries are ignored")
             return cls(credential, **options)
-        cache = CredentialCache(settings)
+        cache = CredentialCache(settings, token_timeout=options.get("token_timeout", TOKEN_TIMEOUT))
         source = cls(cache.get(), credentials=cache.overrides(settings.observed), **options)
         source._cache = cache
         return source
@@ -199,17 +231,16 @@ class KeyVaultSource:
             return
         if cache.settings_identity != CredentialCache(settings).settings_identity:
             self._retired.append(cache)
-            cache = self._cache = CredentialCache(settings)
-            self._credential = share(cache.get())
-        overrides = cache.overrides(settings.observed).items()
-        self._overrides = {uri.latest: share(c) for uri, c in overrides}
+            cache = self._cache = CredentialCache(settings, token_timeout=self._token_timeout)
+            self._credential = cache.get()
+        self._overrides = {uri.latest: c for uri, c in cache.overrides(settings.observed).items()}
 
     def set_credential(self, uri: SecretUri, credential: AsyncTokenCredential | None) -> None:
         """Read ``uri`` as another identity from now on (None: back to the default)."""
         if credential is None:
             self._overrides.pop(uri.latest, None)
         else:
-            self._overrides[uri.latest] = share(credential)
+            self._overrides[uri.latest] = share(credential, timeout=self._token_timeout)
 
     def _session_for_loop(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -223,9 +254,12 @@ class KeyVaultSource:
             self._session = aiohttp.ClientSession(connector=connector, trust_env=self._trust_env)
         return self._session
 
+    def _identity(self, uri: SecretUri) -> SharedCredential:
+        return self._overrides.get(uri.latest, self._credential)
+
     def client(self, uri: SecretUri) -> SecretClient:
         """The SecretClient for ``uri``'s vault and identity (created on first use)."""
-        credential = self._overrides.get(uri.latest, self._credential)
+        credential = self._identity(uri)
         key = (uri.vault_url, id(credential))
         client = self._clients.get(key)
         if client is None:
@@ -249,18 +283,17 @@ class KeyVaultSource:
 
     async def get(self, uri: SecretUri) -> SecretVersion:
         """Fetch ``uri`` (latest when it has no version) and return it as a SecretVersion."""
-        client = self.client(uri)
-        self.requests += 1
         try:
-            # One bound for the whole request, token acquisition included.
-            with anyio.fail_after(self._timeout):
-                secret = await client.get_secret(uri.name, uri.version)
-        except TimeoutError:
-            raise TransientSourceError(f"{uri}: no answer within {self._timeout:g} s") from None
-        except Exception as error:
-            mapped = map_error(uri, error)
-            logger.debug("get %s failed: %s", uri, mapped)
-            raise mapped from None
+            secret = await self._exchange(uri)
+        except _TokenRefused as refused:
+            if not self._identity(uri).reject(refused.token):
+                note = "a token fetched fresh after an earlier refusal"
+                raise _refused(uri, refused.error, note) from None
+            logger.debug("%s: the vault refused the token; once more with a fresh one", uri)
+            try:
+                secret = await self._exchange(uri)
+            except _TokenRefused as again:
+                raise _refused(uri, again.error, "and a freshly fetched one too") from None
         props = secret.properties
         version = props.version
         if not version or secret.value is None:
@@ -275,6 +308,31 @@ class KeyVaultSource:
             expires=props.expires_on,
             updated=props.updated_on,
         )
+
+    async def _exchange(self, uri: SecretUri) -> KeyVaultSecret:
+        """One ``get_secret``: the vault's part bounded by ``timeout``, errors mapped."""
+        client = self.client(uri)
+        self.requests += 1
+        try:
+            # The token's own bound applies while it is fetched: this one stands still.
+            with anyio.fail_after(self._timeout) as scope, token_use(scope) as use:
+                return await client.get_secret(uri.name, uri.version)
+        except TimeoutError:
+            raise TransientSourceError(
+                f"{uri}: the vault gave no answer within {self._timeout:g} s"
+            ) from None
+        except Exception as error:
+            if (
+                use.token is not None
+                and not use.failed
+                and isinstance(error, ClientAuthenticationError)
+                and not isinstance(error, SourceError)
+                and error.status_code == 401
+            ):
+                raise _TokenRefused(use.token, error) from None
+            mapped = map_error(uri, error)
+            logger.debug("get %s failed: %s", uri, mapped)
+            raise mapped from None
 
     async def aclose(self) -> None:
         """Close every client, the shared session and the credentials this source owns."""
