@@ -326,7 +326,7 @@ async def test_malformed_requests(kv: LocalKeyVault, session: aiohttp.ClientSess
         ("GET", "/secrets/ok", None, 400, "BadParameter"),  # no api-version
         ("GET", f"/secrets?{API}&maxresults=26", None, 400, "BadParameter"),
         ("POST", f"/secrets/ok?{API}", None, 405, "MethodNotAllowed"),
-        ("GET", f"/keys/k?{API}", None, 404, "NotFound"),
+        ("GET", f"/keys/k?{API}", None, 404, "KeyNotFound"),
     ]
     for method, path, body, status, code in cases:
         got, _, answer = await raw(session, method, vault + path, token, json=body)

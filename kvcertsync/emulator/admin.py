@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from kvcertsync.emulator._controls import CONTROL_ROUTES, control_route
 from kvcertsync.emulator._json import json_object
 from kvcertsync.emulator.store import VaultError
 from kvcertsync.emulator.webhooks import WebhookError
@@ -106,6 +107,8 @@ class AdminApi:
                 return kv.faults()
         if head == "webhooks":
             return await self._webhook_route(request, rest)
+        if head in CONTROL_ROUTES and not rest:
+            return await control_route(kv, request, head, AdminError)
         if len(rest) >= 2 and head in ("secrets", "certificates", "rotate", "disable", "enable"):
             return await self._secret_route(request, head, rest)
         raise AdminError(f"no admin route {method} {request.path}", status=404)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import attrs
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -141,6 +141,40 @@ class TestAuthority:
     def root_certificate(self) -> x509.Certificate:
         """The self-signed root certificate (a trust anchor for verifying issued chains)."""
         return self.root.certificate
+
+    @property
+    def signer(self) -> tuple[x509.Name, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey]:
+        """The intermediate's name and key, which sign the leaves this authority issues."""
+        return self.intermediate.certificate.subject, self.intermediate.key
+
+    @property
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        """What a leaf of this authority is served with: the intermediate."""
+        return (self.intermediate.certificate,)
+
+    def export(self) -> dict[str, str]:
+        """Both CAs' certificates and keys as PEM text, to keep in a private state file."""
+        saved = {}
+        for role, issuer in (("root", self.root), ("intermediate", self.intermediate)):
+            saved[role] = issuer.certificate.public_bytes(serialization.Encoding.PEM).decode()
+            saved[f"{role}_key"] = issuer.key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ).decode()
+        return saved
+
+    @classmethod
+    def restore(cls, data: Mapping[str, str]) -> TestAuthority:
+        """The authority :meth:`export` wrote (the same root, so issued chains still verify)."""
+        authority = cls.__new__(cls)
+        for role in ("root", "intermediate"):
+            key = serialization.load_pem_private_key(data[f"{role}_key"].encode("ascii"), None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+                raise ValueError(f"the saved {role} CA key is neither EC nor RSA")
+            certificate = x509.load_pem_x509_certificate(data[role].encode("ascii"))
+            setattr(authority, role, _Issuer(key, certificate))
+        return authority
 
     def issue(
         self,

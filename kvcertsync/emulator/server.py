@@ -1,10 +1,9 @@
-"""LocalKeyVault: Azure Key Vault's secrets API over HTTPS plus an IMDS token endpoint, locally."""
+"""LocalKeyVault: Azure Key Vault's data plane over HTTPS plus an IMDS token endpoint, locally."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import collections
 import json
 import logging
@@ -15,17 +14,28 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import quote
 
 import attrs
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from kvcertsync.emulator._backup import BackupSealer
+from kvcertsync.emulator._certificate_api import CertificateApi
+from kvcertsync.emulator._encoding import CONTENT_TYPES as _CERT_TYPES
+from kvcertsync.emulator._encoding import convert as _convert
+from kvcertsync.emulator._encoding import encode_certificate
 from kvcertsync.emulator._json import json_object
+from kvcertsync.emulator._persist import StateDir
+from kvcertsync.emulator._wire import challenge_resource
+from kvcertsync.emulator._wire import error_response as _error_response
+from kvcertsync.emulator._wire import json_response as _json_response
+from kvcertsync.emulator._wire import page as _page
 from kvcertsync.emulator.admin import AdminApi
+from kvcertsync.emulator.certificates import CertificateVault
 from kvcertsync.emulator.certs import KeyKind, TestAuthority
+from kvcertsync.emulator.clock import VaultClock
 from kvcertsync.emulator.store import (
     StoredSecret,
     VaultError,
@@ -37,9 +47,11 @@ from kvcertsync.emulator.store import (
     secret_bundle,
     secret_item,
 )
+from kvcertsync.emulator.store import tags_of as _tags
 from kvcertsync.emulator.tls import ServerTLS
+from kvcertsync.emulator.versions import check_api_version
 from kvcertsync.emulator.webhooks import EventHandler, Schema, Webhook, Webhooks
-from kvcertsync.material import PEM_CONTENT_TYPE, PKCS12_CONTENT_TYPE, CertificateMaterial
+from kvcertsync.material import PKCS12_CONTENT_TYPE, CertificateMaterial
 
 __all__ = ["DEFAULT_TENANT_ID", "LOCAL_VAULT", "LocalKeyVault", "RequestRecord"]
 
@@ -54,9 +66,8 @@ THROTTLED_MESSAGE = (
 )
 
 _LOOPBACK = frozenset({"localhost", "127.0.0.1"})
-_PAGE_SIZE = 25
 _SHUTDOWN_TIMEOUT = 1.0
-_CERT_TYPES = (PKCS12_CONTENT_TYPE, PEM_CONTENT_TYPE)
+_TICK = 1.0
 _SERVICE_ERRORS = {
     500: ("InternalServerError", "The server encountered an internal error. Please retry."),
     502: ("BadGateway", "The server received an invalid response from an upstream server."),
@@ -151,52 +162,6 @@ def _host_parts(request: web.BaseRequest) -> tuple[str, str, str]:
     return name, f"https://{host}", f"https://{next_host}"
 
 
-def _challenge_resource(hostname: str) -> str:
-    """The resource a vault host's challenge names: the vault domain of that cloud."""
-    _, dot, domain = hostname.partition(".")
-    if dot and domain.startswith("vault."):
-        return f"https://{domain}"
-    return "https://vault.azure.net"
-
-
-def _json_response(
-    status: int, body: Any, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    response = web.Response(
-        status=status,
-        body=json.dumps(body, separators=(",", ":")).encode("utf-8"),
-        content_type="application/json",
-        charset="utf-8",
-    )
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["x-ms-request-id"] = str(uuid.uuid4())
-    response.headers["x-ms-keyvault-service-version"] = "1.9.0.0"
-    response.headers["x-ms-keyvault-region"] = "local"
-    if headers:
-        response.headers.update(headers)
-    return response
-
-
-def _error_response(error: VaultError, headers: Mapping[str, str] | None = None) -> web.Response:
-    return _json_response(error.status, error.body(), headers)
-
-
-def _encode_skiptoken(offset: int) -> str:
-    raw = json.dumps({"NextMarker": str(offset), "TargetLocation": 0}).encode("utf-8")
-    return base64.b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-def _decode_skiptoken(token: str) -> int:
-    try:
-        raw = base64.b64decode(token + "=" * (-len(token) % 4), validate=True)
-        offset = int(json.loads(raw)["NextMarker"])
-    except (binascii.Error, ValueError, KeyError, TypeError):
-        raise bad_parameter("The $skiptoken is not valid.") from None
-    if offset < 0:
-        raise bad_parameter("The $skiptoken is not valid.")
-    return offset
-
-
 def _opt(body: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
     value = body.get(key)
     # bool is an int: an "enabled" of 1 or a "nbf" of true are both malformed.
@@ -207,48 +172,8 @@ def _opt(body: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what:
     return value
 
 
-def _tags(body: Mapping[str, Any]) -> dict[str, str] | None:
-    tags = body.get("tags")
-    if tags is None:
-        return None
-    if not isinstance(tags, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in tags.items()
-    ):
-        raise bad_parameter("The property 'tags' must map strings to strings.")
-    return dict(tags)
-
-
-def _encode_certificate(
-    certificate: CertificateMaterial | bytes | str, content_type: str
-) -> tuple[CertificateMaterial, str]:
-    """The secret value Key Vault would hold for a certificate, and the parsed certificate."""
-    if content_type not in _CERT_TYPES:
-        raise ValueError(f"content_type must be {PKCS12_CONTENT_TYPE} or {PEM_CONTENT_TYPE}")
-    if isinstance(certificate, CertificateMaterial):
-        if content_type == PKCS12_CONTENT_TYPE:
-            value = base64.b64encode(certificate.to_pkcs12()).decode("ascii")
-        else:
-            # Key Vault's own PEM export puts the key first, then the leaf and its chain.
-            value = (certificate.key_pem() + certificate.fullchain_pem()).decode("ascii")
-        return certificate, value
-    if isinstance(certificate, bytes):
-        if b"-----BEGIN" in certificate:
-            value = certificate.decode("ascii")
-        else:
-            value = base64.b64encode(certificate).decode("ascii")
-    else:
-        value = certificate
-    return CertificateMaterial.from_secret(value, content_type), value
-
-
-def _convert(value: str, content_type: str | None, out: str) -> str:
-    """A certificate-backed secret's value in another format (the outContentType parameter)."""
-    material = CertificateMaterial.from_secret(value, content_type)
-    return _encode_certificate(material, out)[1]
-
-
 class LocalKeyVault:
-    """A local Azure Key Vault (secrets API over HTTPS) and IMDS token endpoint, for tests.
+    """A local Azure Key Vault (secrets, certificates, keys over HTTPS) and IMDS, for tests.
 
     ``async with LocalKeyVault() as kv:`` serves every ``<name>.vault.azure.net`` host (vault chosen
     by the Host header; ``localhost``/``127.0.0.1`` is the vault named ``localhost``) on
@@ -268,6 +193,8 @@ class LocalKeyVault:
         state_dir: str | os.PathLike[str] | None = None,
         enforce_validity: bool = False,
         request_log_size: int = 10_000,
+        issuance_delay: float = 0.0,
+        clock: VaultClock | None = None,
     ) -> None:
         self._want_port = port
         self._want_imds_port = imds_port
@@ -279,7 +206,17 @@ class LocalKeyVault:
         self._authority = authority
         self._state_dir = state_dir
         self.system_client_id = str(uuid.uuid4())
-        self._store = VaultStore()
+        #: The emulator's time (advance it to reach expiry and renewal): a VaultClock.
+        self.clock = clock or VaultClock()
+        self._store = VaultStore(self.clock)
+        self._state = StateDir(state_dir) if state_dir is not None else None
+        #: The certificates, their keys and their secrets' links; issuers and contacts.
+        self.certificates = CertificateVault(
+            self._store, self.clock, lambda: self.authority, self._published, BackupSealer()
+        )
+        self.certificates.issuance_delay = issuance_delay
+        self._certificate_api = CertificateApi(self.certificates, self._store)
+        self._ticker: asyncio.Task[None] | None = None
         self._lock = threading.Lock()
         self._tokens: dict[str, _Grant] = {}
         self._revoked: set[str] = set()
@@ -319,9 +256,18 @@ class LocalKeyVault:
         self._closing = asyncio.Event()
         try:
             # Key generation and file writes: off the event loop the caller's code runs on.
+            saved = await asyncio.to_thread(self._state.read) if self._state else None
+            if saved is not None:
+                authority, grants = StateDir.apply(
+                    saved, self._store, self.certificates, self.clock
+                )
+                self._authority = self._authority or authority
+                with self._lock:
+                    self._tokens.update({t: _Grant(**g) for t, g in grants.items()})
             if self._authority is None:
                 self._authority = await asyncio.to_thread(TestAuthority, "kvcertsync emulator")
             self._tls = await asyncio.to_thread(ServerTLS, self._authority, self._state_dir)
+            self._ticker = asyncio.create_task(self._tick_forever())
             self._port = await self._serve(
                 self._dispatch, self._want_port, self._tls.server_context
             )
@@ -334,6 +280,28 @@ class LocalKeyVault:
             self._port,
             self._imds_port,
         )
+
+    async def _tick_forever(self) -> None:
+        # Requests whose delay passed complete, due certificates renew, and the state file
+        # follows changes, without anyone having to ask.
+        saved: dict[str, Any] | None = None
+        while True:
+            await asyncio.sleep(_TICK)
+            try:
+                await asyncio.to_thread(self.certificates.tick)
+                saved = await asyncio.to_thread(self._save_state, saved)
+            except Exception:
+                logger.exception("emulator background tick failed")
+
+    def _save_state(self, last: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        if self._state is None or self._authority is None:
+            return None
+        with self._lock:
+            grants = {token: attrs.asdict(grant) for token, grant in self._tokens.items()}
+        state = StateDir.gather(self._authority, self._store, self.certificates, self.clock, grants)
+        if state != last:
+            self._state.write(state)
+        return state
 
     async def _serve(
         self,
@@ -357,6 +325,11 @@ class LocalKeyVault:
         self._closing.set()
         runners, self._runners = self._runners, []
         try:
+            if self._ticker is not None:
+                self._ticker.cancel()
+                await asyncio.gather(self._ticker, return_exceptions=True)
+                self._ticker = None
+                await asyncio.to_thread(self._save_state)
             await self._webhooks.aclose()
             for runner in reversed(runners):
                 await runner.cleanup()
@@ -500,21 +473,20 @@ class LocalKeyVault:
         """Store a certificate as a certificate-backed secret (``kid``, ``managed``, nbf/exp set).
 
         CertificateMaterial is encoded per ``content_type`` (base64 PFX or PEM); bytes are DER PFX
-        (base64-encoded here) or PEM text; a str is stored as given. Returns the version.
+        (base64-encoded here) or PEM text; a str is stored as given. Returns the version. It
+        becomes a certificate (issuer ``Unknown``) with its key, as an import through the
+        certificates API does.
         """
-        material, value = _encode_certificate(certificate, content_type)
-        secret, record = self._store.set(
+        material, value = encode_certificate(certificate, content_type)
+        record = self.certificates.add_material(
             vault.lower(),
             name,
-            value,
-            content_type,
+            material,
             enabled=enabled,
-            not_before=_epoch(material.not_before),
-            expires=_epoch(material.not_after),
             tags=tags,
-            managed=True,
+            value=value,
+            content_type=content_type,
         )
-        self._published(vault.lower(), secret.name, record)
         return record.version
 
     def rotate(
@@ -539,7 +511,8 @@ class LocalKeyVault:
             names = old.dns_names or ((old.common_name,) if old.common_name else ())
             key: KeyKind = "rsa" if isinstance(old.private_key, rsa.RSAPrivateKey) else "ec"
             days = max((old.not_after - old.not_before).total_seconds() / 86400, 1.0)
-            material = self.authority.issue(names, key=key, days=days)
+            start = self.clock.utcnow() - timedelta(minutes=5)
+            material = self.authority.issue(names, key=key, days=days, not_before=start)
         return self.import_certificate(
             vault,
             name,
@@ -565,11 +538,11 @@ class LocalKeyVault:
 
     def disable(self, vault: str, name: str, version: str | None = None) -> None:
         """Disable a version (the latest by default): GET then answers 403 SecretDisabled."""
-        self._store.update(vault.lower(), name, version, enabled=False)
+        self._store.update(vault.lower(), name, version, enabled=False, managed_ok=True)
 
     def enable(self, vault: str, name: str, version: str | None = None) -> None:
         """Enable a version (the latest by default)."""
-        self._store.update(vault.lower(), name, version, enabled=True)
+        self._store.update(vault.lower(), name, version, enabled=True, managed_ok=True)
 
     def delete(self, vault: str, name: str) -> None:
         """Soft-delete a secret, as DELETE /secrets/{name} does."""
@@ -859,7 +832,7 @@ class LocalKeyVault:
         return _error_response(VaultError(429, "Throttled", THROTTLED_MESSAGE), headers)
 
     def _authenticate(self, request: web.BaseRequest, hostname: str) -> web.Response | None:
-        resource = _challenge_resource(hostname)
+        resource = challenge_resource(request.host or hostname)
         scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
@@ -873,7 +846,7 @@ class LocalKeyVault:
             return self._challenge(
                 resource, "The bearer token was not issued by this emulator's IMDS endpoint."
             )
-        if grant.expires_on <= time.time():
+        if grant.expires_on <= self.clock.token_time():
             return self._challenge(resource, "The access token has expired.")
         if _norm_resource(grant.resource) != _norm_resource(resource):
             return self._challenge(
@@ -895,8 +868,10 @@ class LocalKeyVault:
     async def _route(
         self, request: web.BaseRequest, vault: str, base: str, next_base: str
     ) -> web.Response:
-        if "api-version" not in request.query:
-            raise bad_parameter("The api-version query parameter is missing.")
+        check_api_version(request.query.get("api-version"))
+        answer = await self._certificate_api.route(request, vault, base, next_base)
+        if answer is not None:
+            return answer
         parts = request.path.split("/")[1:]
         method = request.method
         collection = parts[0] if parts else ""
@@ -907,7 +882,7 @@ class LocalKeyVault:
                         secret_item(base, s, s.current(), versioned=False)
                         for s in self._store.list_secrets(vault)
                     ]
-                    return self._page(request, items, next_base)
+                    return _page(request, items, next_base)
             elif len(parts) == 2:
                 name = parts[1]
                 if method == "GET":
@@ -925,7 +900,7 @@ class LocalKeyVault:
                 if version == "versions" and method == "GET":
                     secret, records = self._store.list_versions(vault, name)
                     items = [secret_item(base, secret, r, versioned=True) for r in records]
-                    return self._page(request, items, next_base)
+                    return _page(request, items, next_base)
                 if method == "GET":
                     return self._get(request, vault, base, name, version)
                 if method == "PATCH":
@@ -936,7 +911,7 @@ class LocalKeyVault:
                     items = [
                         deleted_item(base, s) for s in self._store.list_secrets(vault, deleted=True)
                     ]
-                    return self._page(request, items, next_base)
+                    return _page(request, items, next_base)
             elif len(parts) == 2:
                 if method == "GET":
                     return _json_response(
@@ -972,7 +947,7 @@ class LocalKeyVault:
                 "SecretDisabled",
             )
         if self.enforce_validity:
-            now = time.time()
+            now = self.clock.time()
             if record.not_before is not None and now < record.not_before:
                 raise VaultError(
                     403,
@@ -1044,32 +1019,6 @@ class LocalKeyVault:
     async def _body(request: web.BaseRequest) -> dict[str, Any]:
         return await json_object(request, lambda reason: bad_parameter(f"The request {reason}."))
 
-    @staticmethod
-    def _page(
-        request: web.BaseRequest, items: list[dict[str, Any]], next_base: str
-    ) -> web.Response:
-        raw = request.query.get("maxresults")
-        size = _PAGE_SIZE
-        if raw is not None:
-            try:
-                size = int(raw)
-            except ValueError:
-                size = 0
-            if not 1 <= size <= _PAGE_SIZE:
-                raise bad_parameter(f"The value of maxresults must be between 1 and {_PAGE_SIZE}.")
-        token = request.query.get("$skiptoken")
-        offset = _decode_skiptoken(token) if token else 0
-        body: dict[str, Any] = {"value": items[offset : offset + size], "nextLink": None}
-        if offset + size < len(items):
-            query = (
-                f"api-version={quote(request.query['api-version'], safe='')}"
-                f"&$skiptoken={quote(_encode_skiptoken(offset + size), safe='')}"
-            )
-            if raw is not None:
-                query += f"&maxresults={size}"
-            body["nextLink"] = f"{next_base}{request.path}?{query}"
-        return _json_response(200, body)
-
     # ------------------------------------------------------------------ IMDS
 
     async def _imds(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -1132,11 +1081,13 @@ class LocalKeyVault:
                 "",
             )
         )
+        # The client keeps the real clock; the grant ages with the clock's token time.
+        token_now = self.clock.token_time()
         with self._lock:
-            expired = [t for t, g in self._tokens.items() if g.expires_on <= now]
+            expired = [t for t, g in self._tokens.items() if g.expires_on <= token_now]
             for stale in expired:
                 del self._tokens[stale]
-            self._tokens[token] = _Grant(resource, client_id, expires_on)
+            self._tokens[token] = _Grant(resource, client_id, token_now + lifetime)
             self._issued.append(token)
         logger.debug("IMDS issued a token for %s (client %s)", resource, client_id)
         return {

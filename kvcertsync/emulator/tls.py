@@ -14,9 +14,17 @@ from kvcertsync.emulator.certs import TestAuthority
 
 __all__ = ["SERVER_NAMES", "ServerTLS"]
 
-# Host names the server certificate covers: the public cloud's vault domain plus the loopback
-# names clients use when they cannot redirect DNS.
-SERVER_NAMES = ("*.vault.azure.net", "vault.azure.net", "localhost", "127.0.0.1")
+# Host names the server certificate covers: the public cloud's vault domain, a loopback vault
+# domain (``<vault>.vault.localhost``: OpenSSL will not match a wildcard right under a single
+# label such as ``*.localhost``) and the loopback names themselves.
+SERVER_NAMES = (
+    "*.vault.azure.net",
+    "vault.azure.net",
+    "*.vault.localhost",
+    "vault.localhost",
+    "localhost",
+    "127.0.0.1",
+)
 
 
 class ServerTLS:
