@@ -110,7 +110,8 @@ async def run_demo(
             if forever:
                 say(
                     "running until Ctrl-C; rotate from another shell with: curl --cacert "
-                    f"{kv.ca_file} -X POST https://localhost:{kv.port}/_emulator/rotate/{VAULT}/web"
+                    f"{kv.ca_file} -H 'X-Emulator-Token: {kv.admin_token}' -X POST "
+                    f"https://localhost:{kv.port}/_emulator/rotate/{VAULT}/web"
                 )
                 with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for _ in signals:

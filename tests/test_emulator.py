@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -742,7 +743,7 @@ async def test_sync_client_sees_the_service_errors(kv: LocalKeyVault) -> None:
 async def test_admin_routes(kv: LocalKeyVault, client: SecretClient) -> None:
     base = f"https://127.0.0.1:{kv.port}/_emulator"
     async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=kv.client_ssl_context())
+        connector=aiohttp.TCPConnector(ssl=kv.client_ssl_context()), headers=kv.admin_headers
     ) as admin:
 
         async def call(method: str, path: str, body: Any = None) -> Any:
@@ -823,11 +824,15 @@ def test_cli_emulator() -> None:
         text = _read_until_ready(process)
         port = int(re.search(r"https port:\s+(\d+)", text).group(1))  # type: ignore[union-attr]
         ca_file = re.search(r"CA certificate:\s+(\S+)", text).group(1)  # type: ignore[union-attr]
+        token = re.search(r"admin token:\s+(\S+)", text).group(1)  # type: ignore[union-attr]
         assert f"*.vault.azure.net -> 127.0.0.1:{port}" in text
         assert re.search(r"msiEndpoint:\s+http://127\.0\.0\.1:\d+/metadata/identity\n", text)
         context = ssl.create_default_context(cafile=ca_file)
         url = f"https://localhost:{port}/_emulator/stats"
-        with urllib.request.urlopen(url, context=context, timeout=5) as response:
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(url, context=context, timeout=5)  # no token: refused
+        admitted = urllib.request.Request(url, headers={"X-Emulator-Token": token})
+        with urllib.request.urlopen(admitted, context=context, timeout=5) as response:
             stats = json.load(response)
         assert list(stats["vaults"]["demo"]) == ["demo-cert"]
         process.send_signal(signal.SIGINT)

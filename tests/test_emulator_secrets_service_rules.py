@@ -269,7 +269,7 @@ async def test_the_clock_drives_expiry_and_stamps(
     assert (await call(session, "GET", f"{URL}/secrets/short/?api-version=7.6", token))[0] == 200
 
     admin = f"https://localhost:{kv.port}/_emulator/clock"
-    async with session.post(admin, json={"advance": 7200}) as response:
+    async with session.post(admin, json={"advance": 7200}, headers=kv.admin_headers) as response:
         state = await response.json()
     assert state["offset"] == 7200 and state["tokenOffset"] == 0
     status, body = await call(session, "GET", f"{URL}/secrets/short/?api-version=7.6", token)
@@ -280,9 +280,11 @@ async def test_the_clock_drives_expiry_and_stamps(
     )
     assert status == 200
     assert body["attributes"]["created"] >= int(expires) + 3600
-    async with session.post(admin, json={"advance": -1}) as response:
+    async with session.post(admin, json={"advance": -1}, headers=kv.admin_headers) as response:
         assert response.status == 400
-    async with session.post(admin, json={"set": "2001-01-01T00:00:00Z"}) as response:
+    async with session.post(
+        admin, json={"set": "2001-01-01T00:00:00Z"}, headers=kv.admin_headers
+    ) as response:
         assert (await response.json())["offset"] == 7200  # never backwards
 
 
@@ -354,10 +356,10 @@ async def test_issuance_delay_over_the_admin_route(
     kv: LocalKeyVault, session: aiohttp.ClientSession
 ) -> None:
     admin = f"https://localhost:{kv.port}/_emulator/issuance"
-    async with session.post(admin, json={"delay": 30}) as response:
+    async with session.post(admin, json={"delay": 30}, headers=kv.admin_headers) as response:
         assert (await response.json()) == {"delay": 30}
     assert kv.certificates.issuance_delay == 30
-    async with session.post(admin, json={"delay": -1}) as response:
+    async with session.post(admin, json={"delay": -1}, headers=kv.admin_headers) as response:
         assert response.status == 400
     token = await token_for(kv)
     body = {"policy": {"issuer": {"name": "Self"}, "x509_props": {"subject": "CN=slow"}}}

@@ -209,7 +209,9 @@ async def test_deliveries_never_block_the_vault(kv: LocalKeyVault, receiver: Rec
     async with (
         aiohttp.ClientSession() as client,
         client.get(
-            f"https://127.0.0.1:{kv.port}/_emulator/stats", ssl=kv.client_ssl_context()
+            f"https://127.0.0.1:{kv.port}/_emulator/stats",
+            ssl=kv.client_ssl_context(),
+            headers=kv.admin_headers,
         ) as r,
     ):
         assert r.status == 200
@@ -222,7 +224,7 @@ async def test_deliveries_never_block_the_vault(kv: LocalKeyVault, receiver: Rec
 
 async def test_admin_routes_register_list_and_remove(kv: LocalKeyVault, receiver: Receiver) -> None:
     base = f"https://127.0.0.1:{kv.port}/_emulator/webhooks"
-    async with aiohttp.ClientSession() as client:
+    async with aiohttp.ClientSession(headers=kv.admin_headers) as client:
         ssl = kv.client_ssl_context()
         async with client.post(
             base, json={"url": receiver.url, "schema": "cloudevents"}, ssl=ssl

@@ -46,6 +46,7 @@ class Recipe:
         self.port = 0
         self.ca_file = ""
         self.rotate_url = ""
+        self.admin_token = ""
 
     async def started(self) -> None:
         """Wait for the line that says where it serves."""
@@ -55,9 +56,11 @@ class Recipe:
                 await anyio.sleep(0.05)
         self.port = int(found[1])
         trust = re.search(r"^trust:\s+(\S+)$", self.output, re.M)
-        rotate = re.search(r"^rotate: .* -X POST (\S+)$", self.output, re.M)
+        rotate = re.search(
+            r"^rotate: .* -H 'X-Emulator-Token: (\S+)' -X POST (\S+)$", self.output, re.M
+        )
         assert trust and rotate, self.output
-        self.ca_file, self.rotate_url = trust[1], rotate[1]
+        self.ca_file, self.admin_token, self.rotate_url = trust[1], rotate[1], rotate[2]
 
     @property
     def output(self) -> str:
@@ -87,7 +90,9 @@ class Recipe:
         connector = aiohttp.TCPConnector(ssl=self.client_context())
         async with (
             aiohttp.ClientSession(connector=connector) as session,
-            session.post(self.rotate_url) as response,
+            session.post(
+                self.rotate_url, headers={"X-Emulator-Token": self.admin_token}
+            ) as response,
         ):
             assert response.status == 200, await response.text()
 

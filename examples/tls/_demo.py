@@ -46,8 +46,8 @@ def demo_sync(kv: LocalKeyVault, store: Store | None = None) -> CertSync:
     )
     print(f"trust:  {kv.ca_file}", flush=True)
     print(
-        f"rotate: curl --cacert {kv.ca_file} -X POST "
-        f"https://localhost:{kv.port}/_emulator/rotate/shop/web",
+        f"rotate: curl --cacert {kv.ca_file} -H 'X-Emulator-Token: {kv.admin_token}' "
+        f"-X POST https://localhost:{kv.port}/_emulator/rotate/shop/web",
         flush=True,
     )
     # A one-second poll shows renewals at once; against a real vault keep the default hour.

@@ -69,11 +69,15 @@ def add_emulator_command(commands: argparse._SubParsersAction[argparse.ArgumentP
 
 
 def _banner(kv: LocalKeyVault, proxy: VaultProxy, env: dict[str, str], demo: list[str]) -> None:
-    admin = f"curl --cacert {kv.ca_file} https://localhost:{kv.port}/_emulator"
+    admin = (
+        f"curl --cacert {kv.ca_file} -H 'X-Emulator-Token: {kv.admin_token}' "
+        f"https://localhost:{kv.port}/_emulator"
+    )
     print("kvcertsync emulator: Key Vault (secrets, certificates, keys) + IMDS on 127.0.0.1")
     print(f"  https port:      {kv.port}")
     print(f"  imds port:       {kv.imds_port}")
     print(f"  CA certificate:  {kv.ca_file}")
+    print(f"  admin token:     {kv.admin_token}  (X-Emulator-Token header of /_emulator/ routes)")
     print("  vault URLs:      https://<name>.vault.azure.net  (any name)")
     print(f"  redirect:        *.vault.azure.net -> 127.0.0.1:{kv.port}")
     print(f"  https proxy:     {proxy.url}  (CONNECT; vault hosts to the emulator)")

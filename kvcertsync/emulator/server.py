@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import hmac
+import ipaddress
 import json
 import logging
 import math
 import os
+import secrets
 import ssl
 import threading
 import time
@@ -195,7 +198,11 @@ class LocalKeyVault:
         request_log_size: int = 10_000,
         issuance_delay: float = 0.0,
         clock: VaultClock | None = None,
+        admin_token: str | None = None,
     ) -> None:
+        #: What the admin routes (``/_emulator/...``) require, in ``X-Emulator-Token`` or as a
+        #: bearer token: they can read every secret, so no other local process may use them.
+        self.admin_token = admin_token or secrets.token_urlsafe(24)
         self._want_port = port
         self._want_imds_port = imds_port
         self.require_auth = require_auth
@@ -740,7 +747,8 @@ class LocalKeyVault:
     async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         hostname, base, next_base = _host_parts(request)
         if hostname in _LOOPBACK and request.path.startswith("/_emulator/"):
-            return await self._admin.handle(request)
+            refused = self._admin_refusal(request)
+            return refused if refused is not None else await self._admin.handle(request)
         vault = LOCAL_VAULT if hostname in _LOOPBACK else hostname.split(".", 1)[0]
         with self._lock:
             self._request_counts[vault] += 1
@@ -772,6 +780,31 @@ class LocalKeyVault:
                 response = _error_response(error)
         self._log(RequestRecord(request.method, vault, request.path, response.status, fault))
         return response
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """The header that admits a request to the admin routes."""
+        return {"X-Emulator-Token": self.admin_token}
+
+    def _admin_refusal(self, request: web.BaseRequest) -> web.Response | None:
+        remote = request.remote or ""
+        try:
+            loopback = ipaddress.ip_address(remote.split("%", 1)[0]).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            return web.json_response({"error": "the admin routes answer loopback only"}, status=403)
+        scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
+        given = request.headers.get("X-Emulator-Token") or (
+            bearer.strip() if scheme.lower() == "bearer" else ""
+        )
+        if hmac.compare_digest(given.encode(), self.admin_token.encode()):
+            return None
+        message = (
+            "the admin routes need the emulator's admin token in X-Emulator-Token (printed by "
+            "`kvcertsync emulator`; LocalKeyVault.admin_token in Python)"
+        )
+        return web.json_response({"error": message}, status=401)
 
     def _log(self, record: RequestRecord) -> None:
         with self._lock:
