@@ -48,3 +48,11 @@ def test_soak_reports_first_last_max_and_ratio_of_each_figure() -> None:
         assert 0 < first <= largest and last <= largest
     polls = re.search(r"^polls (\d+) ", out, re.MULTILINE)
     assert polls is not None and int(polls.group(1)) > 0, out
+
+
+def test_fault_matrix_keeps_files_and_recovers() -> None:
+    out = run_quick("reliability_faults.py")
+    rows = re.findall(r"^(.+?) +files (\S+) +new version in place after +(\S+)", out, re.M)
+    assert len(rows) == 3, out
+    assert all(verdict == "byte-identical" and took != "never" for _, verdict, took in rows), out
+    assert re.search(r"^totals: 3 faults, files changed under 0, ", out, re.M), out
