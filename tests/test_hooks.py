@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,9 +73,19 @@ async def test_the_bus_counts_failures_and_kills_hung_commands(tmp_path: Path) -
             while failing.failures < 1 or hanging.failures < 1:  # noqa: ASYNC110
                 await anyio.sleep(0.05)
     pid = int((tmp_path / "pid").read_text())
-    assert (
-        not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
-    )
+    assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed and not yet reaped, does not)."""
+    stat = Path(f"/proc/{pid}/stat")
+    if Path("/proc/self/stat").exists():
+        return stat.exists() and "Z" not in stat.read_text().split()[2]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 async def test_output_is_bounded_and_daemons_do_not_hold_the_hook() -> None:

@@ -26,6 +26,7 @@ from kvcertsync.material import CertificateMaterial
 from kvcertsync.settings import ObservedCertificate, parse_settings
 from kvcertsync.sources import MemorySource
 from kvcertsync.stores import _crypt32 as binding
+from kvcertsync.stores import _sddl
 from kvcertsync.stores._fakewin import (
     FakeCertificate,
     FakeKey,
@@ -38,7 +39,6 @@ from kvcertsync.stores.windows import (
     Win32Error,
     WindowsCertStore,
     _grant_read_access,
-    _split_dacl,
 )
 
 pytestmark = pytest.mark.anyio
@@ -50,6 +50,8 @@ MY = "MY"
 LM = "LocalMachine"
 CU = "CurrentUser"
 ACCESS_DENIED = "error 5 (0x00000005): Access is denied."
+#: The description line kvcertsync writes, for V1 of URL, installed long ago.
+OLD_IDENTITY = f"kvcertsync: {URL}/{V1} installed 2024-05-01T12:00:00.000001Z"
 
 
 @pytest.fixture
@@ -120,7 +122,12 @@ SDK_CONSTANTS = {
     "CERT_SHA1_HASH_PROP_ID": 3,
     "CERT_FRIENDLY_NAME_PROP_ID": 11,
     "CERT_DESCRIPTION_PROP_ID": 13,
+    "CERT_ACCESS_STATE_PROP_ID": 14,
     "CERT_RENEWAL_PROP_ID": 64,
+    "CERT_ACCESS_STATE_WRITE_PERSIST_FLAG": 0x1,
+    "CERT_ACCESS_STATE_SYSTEM_STORE_FLAG": 0x2,
+    "CERT_ACCESS_STATE_LM_SYSTEM_STORE_FLAG": 0x4,
+    "CERT_ACCESS_STATE_GP_SYSTEM_STORE_FLAG": 0x8,
     "CRYPT_EXPORTABLE": 0x00000001,
     "CRYPT_USER_PROTECTED": 0x00000002,
     "CRYPT_MACHINE_KEYSET": 0x00000020,
@@ -131,6 +138,8 @@ SDK_CONSTANTS = {
     "CRYPT_ACQUIRE_SILENT_FLAG": 0x00000040,
     "CRYPT_ACQUIRE_ONLY_NCRYPT_KEY_FLAG": 0x00040000,
     "CERT_NCRYPT_KEY_SPEC": 0xFFFFFFFF,
+    "AT_KEYEXCHANGE": 1,
+    "AT_SIGNATURE": 2,
     # ncrypt.h
     "NCRYPT_SECURITY_DESCR_PROPERTY": "Security Descr",
     "NCRYPT_SILENT_FLAG": 0x00000040,
@@ -149,6 +158,7 @@ SDK_CONSTANTS = {
     "ERROR_INVALID_PASSWORD": 86,
     "ERROR_INVALID_PARAMETER": 87,
     "ERROR_INSUFFICIENT_BUFFER": 122,
+    "ERROR_CANCELLED": 1223,
     "ERROR_NONE_MAPPED": 1332,
     "NTE_PERM": 0x80090010,
     "NTE_BAD_PROVIDER": 0x80090013,
@@ -259,6 +269,14 @@ SDK_SIGNATURES: dict[str, tuple[str, type, tuple[type, ...]]] = {
     "NCryptDeleteKey": ("ncrypt", W_LONG, (W_ULONG_PTR, W_DWORD)),
     # ncrypt.h: SECURITY_STATUS NCryptFreeObject(NCRYPT_HANDLE hObject)
     "NCryptFreeObject": ("ncrypt", W_LONG, (W_ULONG_PTR,)),
+    # wincrypt.h (advapi32.dll): BOOL CryptReleaseContext(HCRYPTPROV hProv, DWORD dwFlags)
+    # HCRYPTPROV is a ULONG_PTR.
+    "CryptReleaseContext": ("advapi32", W_BOOL, (W_ULONG_PTR, W_DWORD)),
+    # sddl.h: BOOL ConvertStringSidToSidW(LPCWSTR StringSid, PSID *Sid)
+    "ConvertStringSidToSidW": ("advapi32", W_BOOL, (W_LPCWSTR, P(W_VOIDP))),
+    # securitybaseapi.h (advapi32.dll): BOOL CheckTokenMembership(HANDLE TokenHandle,
+    #     PSID SidToCheck, PBOOL IsMember)
+    "CheckTokenMembership": ("advapi32", W_BOOL, (W_HANDLE, W_VOIDP, P(W_BOOL))),
     # winbase.h: BOOL LookupAccountNameW(LPCWSTR lpSystemName, LPCWSTR lpAccountName, PSID Sid,
     #     LPDWORD cbSid, LPWSTR ReferencedDomainName, LPDWORD cchReferencedDomainName,
     #     PSID_NAME_USE peUse)
@@ -689,7 +707,7 @@ async def test_one_certificate_for_two_secrets_keeps_one_key_with_both_grants(
     (cert,) = fake.store(LM, MY)
     (key,) = keys_of(fake, material)  # one container: nothing orphaned
     assert cert.key_name == key.name == first_key
-    assert key.dacl == f"D:PAI(A;;FA;;;SY)(A;;FA;;;BA)(A;;GR;;;S-1-5-20)(A;;GR;;;{pool})"
+    assert key.dacl == f"D:PAI(A;;FA;;;SY)(A;;FA;;;BA)(A;;FR;;;NS)(A;;FR;;;{pool})"
     assert cert.description is not None
     lines = cert.description.splitlines()
     assert [line.split(" installed ")[0] for line in lines] == [
@@ -706,15 +724,22 @@ async def test_certificate_imported_by_hand_is_adopted_with_its_key(
     store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
 ) -> None:
     material = ca.issue()
-    seeded = fake.add(LM, MY, material, friendly_name="by hand", description="renewed by hand")
+    seeded = fake.add(
+        LM,
+        MY,
+        material,
+        friendly_name="by hand",
+        description="renewed by hand",
+        key_dacl="D:PAI(A;;FA;;;SY)(A;;FA;;;BA)(A;;GR;;;S-1-5-19)",
+    )
     key = fake.key_of(seeded)
     assert key is not None
-    key.dacl = "D:PAI(A;;FA;;;SY)(A;;FA;;;BA)(A;;GR;;;S-1-5-19)"
     record = await store.install(observed(accounts=["Network Service"]), material, V1)
     assert fake.imports == []
     (cert,) = fake.store(LM, MY)
     assert cert.key_name == key.name and list(fake.keys) == [key.name]
-    assert key.dacl == "D:PAI(A;;FA;;;SY)(A;;FA;;;BA)(A;;GR;;;S-1-5-19)(A;;GR;;;S-1-5-20)"
+    # As Windows reads it back: the hand-made ACE and the new one both mapped and aliased.
+    assert key.dacl == "D:PAI(A;;FA;;;SY)(A;;FA;;;BA)(A;;FR;;;LS)(A;;FR;;;NS)"
     assert cert.description is not None
     assert cert.description.splitlines()[0] == "renewed by hand"
     assert cert.friendly_name == "myvault.web"
@@ -735,7 +760,7 @@ async def test_same_certificate_without_a_usable_key_is_imported(
     (cert,) = fake.store(LM, MY)
     assert len(fake.imports) == 1
     key = fake.key_of(cert)
-    assert key is not None and "(A;;GR;;;S-1-5-20)" in key.dacl
+    assert key is not None and "(A;;FR;;;NS)" in key.dacl
     assert cert.description is not None and cert.description.startswith("cert only\n")
 
 
@@ -748,8 +773,7 @@ async def test_tied_identities_do_not_depend_on_the_listing_order(
     listing: str,
 ) -> None:
     # The same identity line on two certificates (a description copied by hand).
-    line = f"kvcertsync: {URL}/{V1} installed 2024-05-01T12:00:00.000001Z"
-    seeded = [fake.add(LM, MY, ca.issue(), description=line) for _ in range(2)]
+    seeded = [fake.add(LM, MY, ca.issue(), description=OLD_IDENTITY) for _ in range(2)]
     if listing == "reversed":
         original = fake.certificates
 
@@ -935,7 +959,7 @@ async def test_accounts_get_read_access_and_owners_keep_full_control(
     (cert,) = fake.store(LM, MY)
     key = fake.key_of(cert)
     assert key is not None
-    assert key.dacl == f"D:PAI(A;;FA;;;SY)(A;;FA;;;BA)(A;;GR;;;S-1-5-20)(A;;GR;;;{pool})"
+    assert key.dacl == f"D:PAI(A;;FA;;;SY)(A;;FA;;;BA)(A;;FR;;;NS)(A;;FR;;;{pool})"
     assert pool == virtual_account_sid("IIS AppPool\\Site")
 
 
@@ -947,7 +971,7 @@ async def test_current_user_keys_get_no_administrators_ace(
     (cert,) = fake.store(CU, MY)
     key = fake.key_of(cert)
     assert key is not None
-    assert key.dacl == f"D:PAI(A;;FA;;;SY)(A;;FA;;;{fake.user_sid})(A;;GR;;;S-1-5-20)"
+    assert key.dacl == f"D:PAI(A;;FA;;;SY)(A;;FA;;;{fake.user_sid})(A;;FR;;;NS)"
 
 
 async def test_unknown_account_is_reported_but_the_certificate_installed(
@@ -964,7 +988,7 @@ async def test_unknown_account_is_reported_but_the_certificate_installed(
     current = await store.installed(target)
     assert current is not None and current.version == V1
     key = fake.key_of(fake.store(LM, MY)[0])
-    assert key is not None and "(A;;GR;;;S-1-5-20)" in key.dacl
+    assert key is not None and "(A;;FR;;;NS)" in key.dacl
 
 
 def test_grant_keeps_aliases_inherited_order_and_other_parts() -> None:
@@ -989,8 +1013,10 @@ def test_grant_adds_missing_owners_and_respects_null_dacl() -> None:
         _grant_read_access("O:BAG:SY", ["S-1-5-20"])
 
 
-def test_split_dacl_finds_the_dacl_after_owner_aliases_ending_in_d() -> None:
-    assert _split_dacl("O:DDG:DDD:P(A;;FA;;;SY)") == ("O:DDG:DD", "P", ["(A;;FA;;;SY)"], "")
+def test_parse_finds_the_dacl_after_owner_aliases_ending_in_d() -> None:
+    descriptor = _sddl.parse("O:DDG:DDD:P(A;;FA;;;SY)")
+    assert (descriptor.prefix, descriptor.flags, descriptor.suffix) == ("O:DDG:DD", {"P"}, "")
+    assert [ace.text for ace in descriptor.aces] == ["(A;;FA;;;SY)"]
 
 
 # ========================================================================= failure atomicity
@@ -1141,16 +1167,39 @@ async def test_failed_key_cleanup_is_logged_and_the_real_error_raised(
     assert fake.store(LM, MY) == [] and fake.open_pfx_stores == 0
 
 
-async def test_not_elevated_local_machine_is_access_denied(ca: TestAuthority) -> None:
+async def test_not_elevated_local_machine_is_refused_before_touching_windows(
+    ca: TestAuthority,
+) -> None:
     fake = FakeWindowsCertBackend(elevated=False)
     store = WindowsCertStore(backend=fake)
     with pytest.raises(StoreError) as caught:
         await store.install(observed(), ca.issue(), V1)
-    assert str(caught.value).startswith("LocalMachine\\")
-    assert ACCESS_DENIED in str(caught.value)
-    assert fake.keys == {}
+    message = str(caught.value)
+    assert message.startswith("LocalMachine\\MY: installing into LocalMachine stores needs ")
+    assert "run elevated or as a service account" in message
+    assert [function for function, _ in fake.calls] == ["CheckTokenMembership"]
+    assert fake.keys == {} and fake.imports == []
+    # Asked once per store: elevation does not change while a process runs.
+    with pytest.raises(StoreError, match="administrator rights"):
+        await store.install(observed(OTHER_URL), ca.issue(), V1)
+    assert [function for function, _ in fake.calls] == ["CheckTokenMembership"]
+    # Reading needs no elevation, and CurrentUser needs none at all.
+    assert await store.installed(observed()) is None
     record = await store.install(observed(store_location=CU), ca.issue(), V1)
     assert record.location == "CurrentUser\\MY"
+    # Without the check, Windows itself (and the fake) would refuse the write.
+    with pytest.raises(Win32Error, match="Access is denied"):
+        fake.add_encoded(LM, "CA", der_of(ca.intermediate.certificate), 2)
+
+
+async def test_elevation_check_failure_names_the_step(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    fake.fail("CheckTokenMembership", binding.ERROR_INVALID_PARAMETER)
+    with pytest.raises(StoreError, match=r"^LocalMachine\\MY: cannot check for administrator"):
+        await store.install(observed(), ca.issue(), V1)
+    assert fake.imports == []
+    await store.install(observed(), ca.issue(), V1)  # a failed check is not remembered
 
 
 async def test_read_failure_in_installed_names_the_store_and_code(
@@ -1178,6 +1227,223 @@ async def test_listing_errors_name_the_store(
         await store.installed(observed())
 
 
+# ============================================== as strict as Windows: descriptors, CAPI, visibility
+
+
+def test_descriptors_read_back_as_windows_writes_them() -> None:
+    # What Wine's and Windows' converters do: well-known SIDs to aliases, generic rights mapped.
+    written = (
+        "D:PAI(A;;GR;;;S-1-5-20)(A;;0x120089;;;S-1-5-19)(A;;GA;;;S-1-5-32-544)(A;OICI;GR;;;WD)"
+    )
+    assert _sddl.normalise(written) == "D:PAI(A;;FR;;;NS)(A;;FR;;;LS)(A;;FA;;;BA)(A;OICI;FR;;;WD)"
+    # Inherit-only ACEs do not apply to the object, so their generic rights stay unmapped.
+    assert _sddl.normalise("D:(A;IO;GR;;;BU)") == "D:(A;IO;GR;;;BU)"
+    unaliased = "D:(A;;FR;;;S-1-5-82-1-2-3-4-5)"
+    assert _sddl.normalise(unaliased) == unaliased
+    with pytest.raises(ValueError, match="unknown access right 'ZZ'"):
+        _sddl.parse("D:(A;;ZZ;;;NS)")
+
+
+@pytest.mark.parametrize(
+    "ace",
+    ["(A;;FR;;;NS)", "(A;;GR;;;S-1-5-20)", "(A;;0x120089;;;S-1-5-20)", "(A;;GA;;;NS)"],
+)
+def test_read_access_is_decided_on_meaning_not_text(ace: str) -> None:
+    dacl = f"D:PAI(A;;FA;;;SY){ace}"
+    assert _grant_read_access(dacl, ["S-1-5-20"]) == dacl  # nothing to add: NS can read
+    denied = f"D:PAI(D;;FR;;;NS)(A;;FA;;;SY){ace}"
+    assert _sddl.parse(denied).grants("S-1-5-20", _sddl.FILE_GENERIC_READ) is False
+
+
+async def test_a_grant_windows_already_holds_writes_nothing(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    material = ca.issue()
+    fake.add(LM, MY, material, key_dacl="D:PAI(A;;FA;;;SY)(A;;FA;;;BA)(A;;0x120089;;;S-1-5-20)")
+    await store.install(observed(accounts=["NT AUTHORITY\\Network Service"]), material, V1)
+    functions = [function for function, _ in fake.calls]
+    assert "NCryptGetProperty" in functions and "NCryptSetProperty" not in functions
+
+
+async def test_a_permission_write_windows_refuses_is_reported(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    # Someone else's key: SYSTEM owns it, Administrators may read it but not change its DACL.
+    material = ca.issue()
+    fake.add(
+        LM, MY, material, key_owner="SY", key_dacl="D:PAI(A;;FA;;;SY)(A;;FR;;;BA)", description="x"
+    )
+    with pytest.raises(StoreError) as caught:
+        await store.install(observed(accounts=["Network Service"]), material, V1)
+    assert str(caught.value) == (
+        "LocalMachine\\MY: cannot grant accounts read access to the private key: "
+        "NCryptSetProperty failed with error 0x80090010: Access denied."
+    )
+    (cert,) = fake.store(LM, MY)
+    assert cert.description == "x"  # not committed: the install is not current
+    assert await store.installed(observed()) is None
+
+
+async def test_a_grant_windows_does_not_keep_is_reported(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    # A deny ACE outweighs the allow ACE added after it: the DACL read back says so.
+    material = ca.issue()
+    fake.add(LM, MY, material, key_dacl="D:PAI(D;;FR;;;NS)(A;;FA;;;SY)(A;;FA;;;BA)")
+    with pytest.raises(StoreError, match=r"reads its DACL back without it for S-1-5-20: D:PAI"):
+        await store.install(observed(accounts=["Network Service"]), material, V1)
+    assert await store.installed(observed()) is None
+
+
+async def test_a_key_in_microsofts_own_csp_is_adopted_through_cng(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    material = ca.issue()
+    seeded = fake.add(LM, MY, material, key_provider="capi")
+    await store.install(observed(accounts=["Network Service"]), material, V1)
+    assert fake.imports == []
+    key = fake.key_of(seeded)
+    assert key is not None and key.provider_type == 24 and "(A;;FR;;;NS)" in key.dacl
+
+
+async def test_a_key_cng_cannot_open_is_refused_not_orphaned(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    material = ca.issue()
+    seeded = fake.add(LM, MY, material, key_provider="capi-only", description="by hand")
+    keys = dict(fake.keys)
+    with pytest.raises(StoreError) as caught:
+        await store.install(observed(), material, V1)
+    message = str(caught.value)
+    assert message.startswith(f"LocalMachine\\MY: {material.thumbprint} is already in the store")
+    assert f"Remove-Item Cert:\\LocalMachine\\MY\\{material.thumbprint} -DeleteKey" in message
+    assert "Contoso Hardware Cryptographic Provider (type 1)" in message
+    assert fake.imports == [] and fake.keys == keys
+    assert fake.store(LM, MY) == [seeded] and seeded.description == "by hand"
+
+
+@pytest.mark.parametrize("cause", ["legacy key", "acquire denied"])
+async def test_superseded_removal_stops_when_the_key_cannot_be_acquired(
+    fake: FakeWindowsCertBackend, ca: TestAuthority, cause: str
+) -> None:
+    store = WindowsCertStore(backend=fake, remove_superseded=True)
+    old = ca.issue()
+    provider = "capi-only" if cause == "legacy key" else "cng"
+    seeded = fake.add(LM, MY, old, description=OLD_IDENTITY, key_provider=provider)
+    if cause == "acquire denied":
+        fake.fail("CryptAcquireCertificatePrivateKey", binding.NTE_PERM)
+    new = ca.issue()
+    with pytest.raises(InstallIncomplete) as caught:
+        await store.install(observed(), new, V2)
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"LocalMachine\\MY: cannot remove superseded {old.thumbprint}: ")
+    assert "CryptAcquireCertificatePrivateKey failed" in problem
+    assert caught.value.installed.thumbprint == new.thumbprint  # the new one is current
+    assert thumbprints(fake, LM, MY) == {old.thumbprint, new.thumbprint}
+    assert seeded.key_name in fake.keys  # nothing deleted: neither certificate nor key
+
+
+async def test_superseded_key_delete_denied_is_reported(
+    fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    store = WindowsCertStore(backend=fake, remove_superseded=True)
+    old = ca.issue()
+    seeded = fake.add(
+        LM, MY, old, description=OLD_IDENTITY, key_dacl="D:PAI(A;;FR;;;BA)", key_owner="SY"
+    )
+    with pytest.raises(InstallIncomplete) as caught:
+        await store.install(observed(), ca.issue(), V2)
+    (problem,) = caught.value.problems
+    assert "NCryptDeleteKey failed with error 0x80090010" in problem
+    assert seeded.key_name in fake.keys  # the key container is left, and the error says so
+
+
+async def test_current_user_stores_show_local_machine_certificates_as_not_ours(
+    store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    material = ca.issue()
+    machine = fake.add(LM, "WebHosting", material, description=OLD_IDENTITY)
+    fake.add(LM, "CA", ca.intermediate.certificate)
+    target = observed(store_name="WebHosting", store_location=CU)
+    shown = fake.certificates(CU, "WebHosting", [binding.CERT_ACCESS_STATE_PROP_ID])
+    (state,) = [item.properties[binding.CERT_ACCESS_STATE_PROP_ID] for item in shown]
+    assert int.from_bytes(state, "little") & binding.CERT_ACCESS_STATE_LM_SYSTEM_STORE_FLAG
+    assert await store.installed(target) is None  # LocalMachine's, shown here: not ours
+    record = await store.install(target, material, V2)
+    assert record.location == "CurrentUser\\WebHosting" and len(fake.imports) == 1
+    assert thumbprints(fake, CU, "WebHosting") == {material.thumbprint}
+    assert fake.store(CU, "CA") == []  # the machine's intermediate already shows there
+    assert machine.description == OLD_IDENTITY  # the machine's certificate was not touched
+    current = await store.installed(target)
+    assert current is not None and current.version == V2
+    # My is the one CurrentUser store that shows nothing of LocalMachine's.
+    fake.add(LM, MY, ca.issue())
+    own = fake.add(CU, MY, ca.issue())
+    assert [item.der for item in fake.certificates(CU, MY, [])] == [own.der]
+
+
+@pytest.mark.parametrize(("location", "name"), [(CU, "Root"), (LM, "ROOT"), (LM, "AuthRoot")])
+async def test_root_stores_are_refused_up_front(
+    store: WindowsCertStore,
+    fake: FakeWindowsCertBackend,
+    ca: TestAuthority,
+    location: str,
+    name: str,
+) -> None:
+    target = observed(store_name=name, store_location=location)
+    with pytest.raises(StoreError, match=r"is a trusted root store; kvcertsync never writes"):
+        await store.install(target, ca.issue(), V1)
+    with pytest.raises(StoreError, match="never writes to a root store"):
+        await store.installed(target)
+    assert fake.calls == []
+
+
+def test_the_fake_asks_for_confirmation_on_current_user_root(
+    fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    # What a store that did write there would meet: a dialog nobody answers in a service.
+    with pytest.raises(Win32Error) as caught:
+        fake.add_encoded(CU, "Root", der_of(ca.root_certificate), 2)
+    assert caught.value.code == binding.ERROR_CANCELLED
+    fake.add_encoded(LM, "Root", der_of(ca.root_certificate), 2)  # elevated: no dialog
+
+
+async def test_the_import_pfx_is_3des_sha1_for_windows_server_2016(
+    ca: TestAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Windows Server 2016 / Windows 10 1607 (the oldest Windows supported) read only
+    # pbeWithSHAAnd3-KeyTripleDES-CBC PFX; AES-256 (PBES2) needs Server 2019 / 10 1809.
+    from asn1crypto import pkcs12 as asn1_pkcs12
+
+    fake = FakeWindowsCertBackend()
+    seen: list[bytes] = []
+    original = fake.import_pfx
+
+    def spy(pfx: bytes, password: str, flags: int) -> object:
+        seen.append(pfx)
+        return original(pfx, password, flags)
+
+    monkeypatch.setattr(fake, "import_pfx", spy)
+    await WindowsCertStore(backend=fake).install(observed(), ca.issue(), V1)
+    (pfx,) = seen
+    parsed = asn1_pkcs12.Pfx.load(pfx)
+    mac = parsed["mac_data"]
+    assert mac["mac"]["digest_algorithm"]["algorithm"].native == "sha1"
+    algorithms = []
+    for info in parsed.authenticated_safe:
+        if info["content_type"].native == "encrypted_data":  # the certificate bags
+            content = info["content"]["encrypted_content_info"]
+            algorithms.append(("certificates", content["content_encryption_algorithm"]))
+        else:
+            for bag in asn1_pkcs12.SafeContents.load(info["content"].native):
+                assert bag["bag_id"].native == "pkcs8_shrouded_key_bag"
+                algorithms.append(("key", bag["bag_value"]["encryption_algorithm"]))
+    assert sorted(what for what, _ in algorithms) == ["certificates", "key"]
+    for _, algorithm in algorithms:
+        assert algorithm["algorithm"].native == "pkcs12_sha1_tripledes_3key"
+        assert algorithm["parameters"]["iterations"].native == 2048
+
+
 # ============================================= the real binding against a simulated crypt32
 #
 # Crypt32Backend cannot call crypt32 here, but everything above the DLL boundary can run: each
@@ -1201,6 +1467,10 @@ class SimulatedWindows:
         self.allocations: dict[int, object] = {}
         self.accounts = {"network service": "S-1-5-20"}
         self.failures: dict[str, int] = {}
+        self.capi_handles: dict[int, str] = {}  # HCRYPTPROVs handed out, not yet released
+        self.elevated = True
+        self.released: list[str] = []  # which function freed each key handle, in order
+        self._keep: list[object] = []  # memory that CRYPT_KEY_PROV_INFO values point into
         self._next = 0x1000
 
     # ---- plumbing
@@ -1265,6 +1535,31 @@ class SimulatedWindows:
         certs[cert.thumbprint] = cert.copy()
         return 1
 
+    def seed(
+        self, material: CertificateMaterial, *, kind: str = "cng", description: str = ""
+    ) -> FakeCertificate:
+        """Put a certificate with its key into LocalMachine\\MY, as another tool would have.
+
+        ``kind``: "cng" (Software KSP); "capi-only", a CryptoAPI provider CNG cannot open
+        (acquiring with ONLY_NCRYPT fails); "capi-handle", one for which the acquire hands back
+        an HCRYPTPROV regardless (which only CryptReleaseContext may free).
+        """
+        cert = FakeCertificate(der_of(material.certificate), key_name=f"key{len(self.keys)}")
+        self.keys[cert.key_name or ""] = {"dacl": "D:PAI(A;;FA;;;SY)(A;;FA;;;BA)", "kind": kind}
+        if kind != "cng":
+            info = binding.CRYPT_KEY_PROV_INFO(
+                cert.key_name, "Contoso Cryptographic Provider", 1, 0, 0, None, 1
+            )
+            self._keep.append(info)
+            cert.properties[binding.CERT_KEY_PROV_INFO_PROP_ID] = bytes(info)
+        if description:
+            cert.properties[binding.CERT_DESCRIPTION_PROP_ID] = (description + "\0").encode(
+                "utf-16-le"
+            )
+        key = (binding.CERT_SYSTEM_STORE_LOCAL_MACHINE, MY)
+        self.stores.setdefault(key, {})[cert.thumbprint] = cert
+        return cert
+
     @staticmethod
     def _blob(pointer: object) -> bytes:
         blob = pointer._obj
@@ -1300,6 +1595,7 @@ class SimulatedWindows:
         self.keys[leaf.key_name] = {
             "dacl": "D:PAI(A;;FA;;;SY)(A;;FA;;;BA)",
             "machine": bool(flags & binding.CRYPT_MACHINE_KEYSET),
+            "kind": "cng",
         }
         handle = self._handle()
         self.store_handles[handle] = certs
@@ -1371,10 +1667,19 @@ class SimulatedWindows:
         if cert.key_name is None or cert.key_name not in self.keys:
             self.last_error = binding.CRYPT_E_NO_KEY_PROPERTY
             return 0
+        kind = self.keys[cert.key_name]["kind"]
+        if kind == "capi-only":
+            # The KSP finds no container of that name: the key is in the CSP's own storage.
+            self.last_error = binding.NTE_BAD_KEYSET
+            return 0
         handle = self._handle()
-        self.key_handles[handle] = cert.key_name
+        if kind == "capi-handle":
+            self.capi_handles[handle] = cert.key_name
+            spec._obj.value = binding.AT_KEYEXCHANGE
+        else:
+            self.key_handles[handle] = cert.key_name
+            spec._obj.value = binding.CERT_NCRYPT_KEY_SPEC
         key._obj.value = handle
-        spec._obj.value = binding.CERT_NCRYPT_KEY_SPEC
         free._obj.value = 1
         return 1
 
@@ -1394,7 +1699,8 @@ class SimulatedWindows:
         assert name == binding.NCRYPT_SECURITY_DESCR_PROPERTY
         assert flags & binding.DACL_SECURITY_INFORMATION and flags & binding.NCRYPT_PERSIST_FLAG
         text = ctypes.string_at(data.value, size).decode("utf-16-le")
-        self.keys[self.key_handles[key]]["dacl"] = text
+        # Kept in binary form, read back as Windows writes it: aliases, generic rights mapped.
+        self.keys[self.key_handles[key]]["dacl"] = _sddl.normalise(text)
         return 0
 
     def NCryptDeleteKey(self, key, flags):
@@ -1402,8 +1708,17 @@ class SimulatedWindows:
         return 0
 
     def NCryptFreeObject(self, key):
-        del self.key_handles[key]
+        del self.key_handles[key]  # a KeyError for an HCRYPTPROV: the wrong function
+        self.released.append("NCryptFreeObject")
         return 0
+
+    # ---- advapi32 (CryptoAPI)
+
+    def CryptReleaseContext(self, prov, flags):
+        assert flags == 0
+        del self.capi_handles[prov]  # a KeyError for an NCRYPT_KEY_HANDLE
+        self.released.append("CryptReleaseContext")
+        return 1
 
     # ---- advapi32, kernel32
 
@@ -1421,6 +1736,16 @@ class SimulatedWindows:
         ctypes.memmove(sid, data, len(data))
         domain.value = "NT AUTHORITY"
         use._obj.value = 5
+        return 1
+
+    def ConvertStringSidToSidW(self, text, sid):
+        sid._obj.value = self._alloc_text(text)  # stands in for the binary SID
+        return 1
+
+    def CheckTokenMembership(self, token, sid, member):
+        assert token is None  # the caller's own token
+        assert ctypes.wstring_at(sid.value) == "S-1-5-32-544"
+        member._obj.value = int(self.elevated)
         return 1
 
     def ConvertSidToStringSidW(self, sid, text):
@@ -1456,6 +1781,7 @@ class SimulatedWindows:
         assert self.store_handles == {}
         assert self.contexts == {}
         assert self.key_handles == {}
+        assert self.capi_handles == {}
         assert self.allocations == {}
 
 
@@ -1485,6 +1811,11 @@ def test_simulated_last_error_is_signed_and_read_unsigned(simulated: SimulatedWi
     assert binding._last_error() == 5
 
 
+def binding_store(sim: SimulatedWindows, **options: bool) -> WindowsCertStore:
+    """A WindowsCertStore over the real binding, calling the simulated DLLs."""
+    return WindowsCertStore(backend=binding.Crypt32Backend(api=sim.api()), **options)
+
+
 def sim_store(
     sim: SimulatedWindows, *, machine: int = binding.CERT_SYSTEM_STORE_LOCAL_MACHINE, name: str = MY
 ) -> dict[str, FakeCertificate]:
@@ -1494,8 +1825,7 @@ def sim_store(
 async def test_binding_installs_links_and_reads_back(
     simulated: SimulatedWindows, ca: TestAuthority
 ) -> None:
-    backend = binding.Crypt32Backend(api=simulated.api())
-    store = WindowsCertStore(backend=backend, link_on_renewal=True)
+    store = binding_store(simulated, link_on_renewal=True)
     target = observed(accounts=["Network Service", "Nobody Here"])
     assert await store.installed(target) is None  # ERROR_FILE_NOT_FOUND: no store yet
     old = ca.issue(["www.example.com"], include_root=True)
@@ -1515,14 +1845,14 @@ async def test_binding_installs_links_and_reads_back(
     ]
     key = simulated.keys[certs[new.thumbprint].key_name or ""]
     assert key["machine"] is True
-    assert key["dacl"] == "D:PAI(A;;FA;;;SY)(A;;FA;;;BA)(A;;GR;;;S-1-5-20)"
+    assert key["dacl"] == "D:PAI(A;;FA;;;SY)(A;;FA;;;BA)(A;;FR;;;NS)"
     simulated.assert_nothing_leaked()
 
 
 async def test_binding_failure_deletes_the_staged_key_and_closes_everything(
     simulated: SimulatedWindows, ca: TestAuthority
 ) -> None:
-    store = WindowsCertStore(backend=binding.Crypt32Backend(api=simulated.api()))
+    store = binding_store(simulated)
     simulated.failures["CertAddCertificateContextToStore"] = binding.ERROR_ACCESS_DENIED
     with pytest.raises(StoreError) as caught:
         await store.install(observed(), ca.issue(), V1)
@@ -1537,9 +1867,7 @@ async def test_binding_failure_deletes_the_staged_key_and_closes_everything(
 async def test_binding_removes_superseded_with_their_keys(
     simulated: SimulatedWindows, ca: TestAuthority
 ) -> None:
-    store = WindowsCertStore(
-        backend=binding.Crypt32Backend(api=simulated.api()), remove_superseded=True
-    )
+    store = binding_store(simulated, remove_superseded=True)
     await store.install(observed(), ca.issue(), V1)
     newest = ca.issue()
     await store.install(observed(), newest, V2)
@@ -1553,14 +1881,14 @@ async def test_binding_updates_a_shared_certificate_in_place(
     simulated: SimulatedWindows, ca: TestAuthority
 ) -> None:
     simulated.accounts["local service"] = "S-1-5-19"
-    store = WindowsCertStore(backend=binding.Crypt32Backend(api=simulated.api()))
+    store = binding_store(simulated)
     material = ca.issue()
     await store.install(observed(accounts=["Network Service"]), material, V1)
     await store.install(observed(OTHER_URL, accounts=["Local Service"]), material, V2)
     (cert,) = sim_store(simulated).values()
     assert list(simulated.keys) == [cert.key_name]  # one key container, nothing orphaned
     dacl = simulated.keys[cert.key_name or ""]["dacl"]
-    assert dacl == "D:PAI(A;;FA;;;SY)(A;;FA;;;BA)(A;;GR;;;S-1-5-20)(A;;GR;;;S-1-5-19)"
+    assert dacl == "D:PAI(A;;FA;;;SY)(A;;FA;;;BA)(A;;FR;;;NS)(A;;FR;;;LS)"
     assert cert.description is not None
     assert [line.split(" installed ")[0] for line in cert.description.splitlines()] == [
         f"kvcertsync: {URL}/{V1}",
@@ -1576,9 +1904,61 @@ async def test_binding_updates_a_shared_certificate_in_place(
 async def test_binding_reports_hresults_from_ncrypt(
     simulated: SimulatedWindows, ca: TestAuthority
 ) -> None:
-    store = WindowsCertStore(backend=binding.Crypt32Backend(api=simulated.api()))
+    store = binding_store(simulated)
     simulated.failures["NCryptSetProperty"] = binding.NTE_PERM
     with pytest.raises(StoreError, match=r"NCryptSetProperty failed with error 0x80090010"):
         await store.install(observed(accounts=["Network Service"]), ca.issue(), V1)
     assert simulated.keys == {}
+    simulated.assert_nothing_leaked()
+
+
+@pytest.mark.parametrize(
+    ("kind", "released", "code"),
+    [
+        # The acquire fails: the KSP knows no such container; nothing to free.
+        ("capi-only", [], "0x80090016"),
+        # The acquire hands back an HCRYPTPROV all the same: freed as one, never NCryptFreeObject.
+        ("capi-handle", ["CryptReleaseContext"], "0x80090013"),
+    ],
+)
+async def test_binding_refuses_an_identical_certificate_whose_key_is_cryptoapi(
+    simulated: SimulatedWindows, ca: TestAuthority, kind: str, released: list[str], code: str
+) -> None:
+    store = binding_store(simulated)
+    material = ca.issue()
+    simulated.seed(material, kind=kind)
+    with pytest.raises(StoreError) as caught:
+        await store.install(observed(), material, V1)
+    # CERT_KEY_PROV_INFO_PROP_ID names the CryptoAPI provider.
+    message = str(caught.value)
+    assert "legacy CryptoAPI provider Contoso Cryptographic Provider (type 1)" in message
+    assert "-DeleteKey" in message and code in message
+    assert len(simulated.keys) == 1  # nothing imported beside it
+    assert simulated.released == released
+    simulated.assert_nothing_leaked()
+
+
+async def test_binding_delete_stops_when_the_key_cannot_be_acquired(
+    simulated: SimulatedWindows, ca: TestAuthority
+) -> None:
+    store = binding_store(simulated, remove_superseded=True)
+    old = ca.issue()
+    simulated.seed(old, kind="capi-only", description=OLD_IDENTITY)
+    new = ca.issue()
+    with pytest.raises(InstallIncomplete, match=f"cannot remove superseded {old.thumbprint}"):
+        await store.install(observed(), new, V2)
+    assert set(sim_store(simulated)) == {old.thumbprint, new.thumbprint}
+    assert len(simulated.keys) == 2
+    simulated.assert_nothing_leaked()
+
+
+async def test_binding_checks_elevation_with_check_token_membership(
+    simulated: SimulatedWindows, ca: TestAuthority
+) -> None:
+    simulated.elevated = False
+    store = binding_store(simulated)
+    with pytest.raises(StoreError, match="run elevated or as a service account"):
+        await store.install(observed(), ca.issue(), V1)
+    assert simulated.keys == {} and simulated.stores == {}
+    await store.install(observed(store_location=CU), ca.issue(), V1)
     simulated.assert_nothing_leaked()

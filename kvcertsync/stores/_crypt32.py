@@ -28,6 +28,7 @@ __all__ = [
     "StoredCertificate",
     "Win32Error",
     "bind",
+    "legacy_key_error",
     "load",
 ]
 
@@ -66,7 +67,14 @@ CERT_KEY_PROV_INFO_PROP_ID: Final = 2  # wincrypt.h
 CERT_SHA1_HASH_PROP_ID: Final = 3  # wincrypt.h
 CERT_FRIENDLY_NAME_PROP_ID: Final = 11  # wincrypt.h
 CERT_DESCRIPTION_PROP_ID: Final = 13  # wincrypt.h
+CERT_ACCESS_STATE_PROP_ID: Final = 14  # wincrypt.h: a DWORD of CERT_ACCESS_STATE_* flags
 CERT_RENEWAL_PROP_ID: Final = 64  # wincrypt.h
+
+# CERT_ACCESS_STATE_PROP_ID flags (wincrypt.h): where a certificate a store shows really lives
+CERT_ACCESS_STATE_WRITE_PERSIST_FLAG: Final = 0x1  # wincrypt.h
+CERT_ACCESS_STATE_SYSTEM_STORE_FLAG: Final = 0x2  # wincrypt.h
+CERT_ACCESS_STATE_LM_SYSTEM_STORE_FLAG: Final = 0x4  # wincrypt.h
+CERT_ACCESS_STATE_GP_SYSTEM_STORE_FLAG: Final = 0x8  # wincrypt.h
 
 # PFXImportCertStore dwFlags (wincrypt.h; the first three are shared with CryptAcquireContext)
 CRYPT_EXPORTABLE: Final = 0x00000001  # wincrypt.h
@@ -81,6 +89,8 @@ PKCS12_NO_PERSIST_KEY: Final = 0x00008000  # wincrypt.h
 CRYPT_ACQUIRE_SILENT_FLAG: Final = 0x00000040  # wincrypt.h
 CRYPT_ACQUIRE_ONLY_NCRYPT_KEY_FLAG: Final = 0x00040000  # wincrypt.h
 CERT_NCRYPT_KEY_SPEC: Final = 0xFFFFFFFF  # wincrypt.h
+AT_KEYEXCHANGE: Final = 1  # wincrypt.h: a CryptoAPI (HCRYPTPROV) key's dwKeySpec
+AT_SIGNATURE: Final = 2  # wincrypt.h
 
 # CNG key properties and flags (ncrypt.h)
 NCRYPT_SECURITY_DESCR_PROPERTY: Final = "Security Descr"  # ncrypt.h: L"Security Descr"
@@ -104,6 +114,7 @@ ERROR_NO_MORE_FILES: Final = 18  # winerror.h
 ERROR_INVALID_PASSWORD: Final = 86  # winerror.h
 ERROR_INVALID_PARAMETER: Final = 87  # winerror.h
 ERROR_INSUFFICIENT_BUFFER: Final = 122  # winerror.h
+ERROR_CANCELLED: Final = 1223  # winerror.h
 ERROR_NONE_MAPPED: Final = 1332  # winerror.h
 NTE_PERM: Final = 0x80090010  # winerror.h
 NTE_BAD_PROVIDER: Final = 0x80090013  # winerror.h
@@ -153,6 +164,24 @@ class CERT_CONTEXT(ctypes.Structure):  # wincrypt.h
 
 
 PCCERT_CONTEXT = ctypes.POINTER(CERT_CONTEXT)
+
+
+class CRYPT_KEY_PROV_INFO(ctypes.Structure):  # wincrypt.h
+    """CERT_KEY_PROV_INFO_PROP_ID's value: where a certificate's key lives (dwProvType 0: CNG)."""
+
+    _fields_ = (
+        ("pwszContainerName", ctypes.c_wchar_p),
+        ("pwszProvName", ctypes.c_wchar_p),
+        ("dwProvType", DWORD),
+        ("dwFlags", DWORD),
+        ("cProvParam", DWORD),
+        ("rgProvParam", ctypes.c_void_p),
+        ("dwKeySpec", DWORD),
+    )
+
+
+#: The well-known SID of BUILTIN\Administrators (an elevated token, and LocalSystem's, has it).
+ADMINISTRATORS_SID: Final = "S-1-5-32-544"
 
 
 class Prototype(NamedTuple):
@@ -266,6 +295,24 @@ PROTOTYPES: Final[tuple[Prototype, ...]] = (
     Prototype("ncrypt", "NCryptDeleteKey", SECURITY_STATUS, (ULONG_PTR, DWORD)),
     # SECURITY_STATUS NCryptFreeObject(NCRYPT_HANDLE hObject)  -- ncrypt.h
     Prototype("ncrypt", "NCryptFreeObject", SECURITY_STATUS, (ULONG_PTR,)),
+    # BOOL CryptReleaseContext(HCRYPTPROV hProv, DWORD dwFlags)  -- wincrypt.h (advapi32)
+    # A CryptoAPI key handle is released with this, never with NCryptFreeObject.
+    Prototype("advapi32", "CryptReleaseContext", BOOL, (ULONG_PTR, DWORD)),
+    # BOOL ConvertStringSidToSidW(LPCWSTR StringSid, PSID *Sid)  -- sddl.h
+    Prototype(
+        "advapi32",
+        "ConvertStringSidToSidW",
+        BOOL,
+        (LPCWSTR, ctypes.POINTER(ctypes.c_void_p)),
+    ),
+    # BOOL CheckTokenMembership(HANDLE TokenHandle, PSID SidToCheck, PBOOL IsMember)
+    #     -- securitybaseapi.h
+    Prototype(
+        "advapi32",
+        "CheckTokenMembership",
+        BOOL,
+        (ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(BOOL)),
+    ),
     # BOOL LookupAccountNameW(LPCWSTR lpSystemName, LPCWSTR lpAccountName, PSID Sid,
     #     LPDWORD cbSid, LPWSTR ReferencedDomainName, LPDWORD cchReferencedDomainName,
     #     PSID_NAME_USE peUse)  -- winbase.h
@@ -418,11 +465,12 @@ def _last_error() -> int:
 
 
 class _Key:
-    """An NCRYPT_KEY_HANDLE and whether this code still has to free it."""
+    """A key handle, whether this code still has to free it, and of which kind it is."""
 
-    def __init__(self, handle: int, owned: bool) -> None:
+    def __init__(self, handle: int, owned: bool, *, ncrypt: bool = True) -> None:
         self.handle = handle
         self.owned = owned
+        self.ncrypt = ncrypt  # NCRYPT_KEY_HANDLE; else a CryptoAPI HCRYPTPROV
 
 
 class Crypt32Backend:
@@ -509,8 +557,8 @@ class Crypt32Backend:
             finally:
                 if context:
                     self._api.CertFreeCertificateContext(context)
-                if key is not None and key.owned:
-                    self._api.NCryptFreeObject(key.handle)
+                if key is not None:
+                    self._release(key)
 
     def key_security(self, location: str, store: str, thumbprint: str) -> str:
         """The DACL of the CNG key of a certificate in a system store, as SDDL."""
@@ -532,6 +580,20 @@ class Crypt32Backend:
             self._key(context) as key,
         ):
             self._set_key_security(key, sddl)
+
+    def is_elevated(self) -> bool:
+        """CheckTokenMembership for BUILTIN\\Administrators: enabled only when elevated."""
+        sid = ctypes.c_void_p()
+        if not self._api.ConvertStringSidToSidW(ADMINISTRATORS_SID, ctypes.byref(sid)):
+            raise self._error("ConvertStringSidToSidW")
+        try:
+            member = BOOL(0)
+            # A NULL token: the thread's impersonation token, else the process's own.
+            if not self._api.CheckTokenMembership(None, sid, ctypes.byref(member)):
+                raise self._error("CheckTokenMembership")
+            return bool(member.value)
+        finally:
+            self._api.LocalFree(sid)
 
     def lookup_account(self, name: str) -> str | None:
         """The string SID of an account name, or None when Windows knows no such account."""
@@ -647,16 +709,34 @@ class Crypt32Backend:
             ctypes.byref(caller_frees),
         )
         if not ok:
-            raise self._error("CryptAcquireCertificatePrivateKey")
-        key = _Key(handle.value, bool(caller_frees.value))
-        if spec.value != CERT_NCRYPT_KEY_SPEC:
+            error = self._error("CryptAcquireCertificatePrivateKey")
+            provider = self._legacy_provider(context)
+            if provider is None:
+                raise error
+            raise legacy_key_error(provider, error)
+        ncrypt = spec.value == CERT_NCRYPT_KEY_SPEC
+        key = _Key(handle.value, bool(caller_frees.value), ncrypt=ncrypt)
+        if not ncrypt:
+            # ONLY_NCRYPT should never hand out a CryptoAPI handle; if it does, free it as one.
             self._release(key)
-            raise Win32Error(
-                NTE_BAD_PROVIDER,
-                self._message(NTE_BAD_PROVIDER),
-                "CryptAcquireCertificatePrivateKey",
-            )
+            provider = self._legacy_provider(context) or "a CryptoAPI provider"
+            raise legacy_key_error(provider, None)
         return key
+
+    def _legacy_provider(self, context: Any) -> str | None:
+        """The CryptoAPI provider holding the certificate's key, or None (CNG, or no key)."""
+        size = DWORD(0)
+        get = self._api.CertGetCertificateContextProperty
+        if not get(context, CERT_KEY_PROV_INFO_PROP_ID, None, ctypes.byref(size)):
+            return None
+        buffer = ctypes.create_string_buffer(max(size.value, ctypes.sizeof(CRYPT_KEY_PROV_INFO)))
+        if not get(context, CERT_KEY_PROV_INFO_PROP_ID, buffer, ctypes.byref(size)):
+            return None
+        # The structure's strings point into the same buffer: read them while it lives.
+        info = CRYPT_KEY_PROV_INFO.from_buffer(buffer)
+        if info.dwProvType == 0:
+            return None
+        return f"{info.pwszProvName or 'an unnamed provider'} (type {info.dwProvType})"
 
     @contextlib.contextmanager
     def _key(self, context: Any) -> Iterator[_Key]:
@@ -667,9 +747,14 @@ class Crypt32Backend:
             self._release(key)
 
     def _release(self, key: _Key) -> None:
+        # Each kind with its own function: NCryptFreeObject on an HCRYPTPROV corrupts nothing
+        # visible at once, but leaks the provider and may free an unrelated NCrypt handle.
         if key.owned:
             key.owned = False
-            self._api.NCryptFreeObject(key.handle)
+            if key.ncrypt:
+                self._api.NCryptFreeObject(key.handle)
+            else:
+                self._api.CryptReleaseContext(key.handle, 0)
 
     def _delete_key(self, key: _Key) -> None:
         status = self._api.NCryptDeleteKey(key.handle, NCRYPT_SILENT_FLAG)
@@ -741,6 +826,17 @@ class Crypt32Backend:
             None,
         )
         return buffer.value[:length].strip() if length else "unknown error"
+
+
+def legacy_key_error(provider: str, cause: Win32Error | None) -> Win32Error:
+    """NTE_BAD_PROVIDER for a key in a CryptoAPI provider that CNG cannot open."""
+    reason = f"; {cause}" if cause is not None else ""
+    return Win32Error(
+        NTE_BAD_PROVIDER,
+        f"the private key is in the legacy CryptoAPI provider {provider}, which CNG cannot "
+        f"open{reason}",
+        "CryptAcquireCertificatePrivateKey",
+    )
 
 
 class _PfxStore:

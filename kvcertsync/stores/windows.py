@@ -1,9 +1,9 @@
 """WindowsCertStore: install certificates into Windows system stores as KeyVaultForWindows does.
 
-The store logic here talks to a narrow backend (:class:`WindowsCertBackend`): import a PFX, list a
+The store logic here talks to a narrow backend (``WindowsCertBackend``): import a PFX, list a
 system store, add or delete a certificate, set a property, read and write a key's DACL, look up an
 account. :class:`kvcertsync.stores._crypt32.Crypt32Backend` implements it over crypt32 on Windows;
-:class:`kvcertsync.stores._fakewin.FakeWindowsCertBackend` implements it in memory for tests.
+``kvcertsync.stores._fakewin.FakeWindowsCertBackend`` implements it in memory for tests.
 
 What an install does, in order (nothing is visible as current until the last step):
 
@@ -17,7 +17,7 @@ What an install does, in order (nothing is visible as current until the last ste
    versions kvcertsync installed.
 
 A failure before step 5 deletes the key the import created and raises StoreError; a failure after it
-raises :class:`InstallIncomplete`, whose ``installed`` says what is now current.
+raises ``InstallIncomplete``, whose ``installed`` says what is now current.
 
 When the very same certificate (same SHA-1) is already in the target store with a private key (a
 second observed secret holding it, a rollback, an administrator's import), nothing is imported:
@@ -25,7 +25,15 @@ another PFXImportCertStore would create a second key container, and replacing th
 point it at that one, orphaning the old container and losing the read access granted on it. The
 accounts are granted on the existing key instead, the intermediates added, the friendly name set,
 and the description written last (the commit point); then its CERT_RENEWAL_PROP_ID is removed, as a
-replacement would have done (keeping it could make A -> B -> A renewal loops).
+replacement would have done (keeping it could make A -> B -> A renewal loops). If that certificate's
+key is in a legacy CryptoAPI provider CNG cannot open, the install is refused with a StoreError that
+says how to remove it: importing again would orphan that container.
+
+Checked up front, before Windows is touched: LocalMachine targets need administrator rights (an
+elevated process or LocalSystem); Root and AuthRoot are never targets. Key access is decided on
+parsed ACEs (Windows reads back ``(A;;GR;;;S-1-5-20)`` as ``(A;;FR;;;NS)``), and after a write the
+DACL is read back and checked. Certificates a store only shows (a CurrentUser store shows
+LocalMachine's; Group Policy's) are never taken for kvcertsync's own.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import re
 import secrets
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -49,7 +57,11 @@ from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from kvcertsync.errors import SecretUriError, StoreError
+from kvcertsync.stores import _sddl
 from kvcertsync.stores._crypt32 import (
+    CERT_ACCESS_STATE_GP_SYSTEM_STORE_FLAG,
+    CERT_ACCESS_STATE_LM_SYSTEM_STORE_FLAG,
+    CERT_ACCESS_STATE_PROP_ID,
     CERT_DESCRIPTION_PROP_ID,
     CERT_FRIENDLY_NAME_PROP_ID,
     CERT_RENEWAL_PROP_ID,
@@ -94,15 +106,29 @@ INTERMEDIATE_STORE = "CA"
 
 LinkScope = Literal["san", "managed"]
 
-_READ_PROPERTIES = (CERT_FRIENDLY_NAME_PROP_ID, CERT_DESCRIPTION_PROP_ID, CERT_RENEWAL_PROP_ID)
+_READ_PROPERTIES = (
+    CERT_FRIENDLY_NAME_PROP_ID,
+    CERT_DESCRIPTION_PROP_ID,
+    CERT_RENEWAL_PROP_ID,
+    CERT_ACCESS_STATE_PROP_ID,
+)
 _IDENTITY = re.compile(
     r"kvcertsync: (?P<url>\S+) installed (?P<at>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z)"
 )
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 _TICK = timedelta(microseconds=1)
-#: Win32 errors that mean "this certificate has no private key CNG can open" (rather than "cannot
-#: read it"): no CERT_KEY_PROV_INFO, a container that is gone, a key CNG does not handle.
-_NO_USABLE_KEY = frozenset({CRYPT_E_NO_KEY_PROPERTY, NTE_BAD_KEYSET, NTE_BAD_PROVIDER})
+#: Win32 errors that mean "this certificate has no private key at all" (rather than "cannot read
+#: it"): no CERT_KEY_PROV_INFO, or a key container that is gone. Importing it again orphans nothing.
+_NO_KEY = frozenset({CRYPT_E_NO_KEY_PROPERTY, NTE_BAD_KEYSET})
+#: Stores kvcertsync never writes to: trust anchors are the administrator's decision (and adding to
+#: CurrentUser\Root makes Windows ask the interactive user in a dialog, which a service cannot).
+_ROOT_STORES = frozenset({"ROOT", "AUTHROOT"})
+#: Certificates a system store shows that live elsewhere (CurrentUser stores show LocalMachine's;
+#: Group Policy's are read-only): never kvcertsync's to identify, link or delete.
+_ELSEWHERE = {
+    "CurrentUser": CERT_ACCESS_STATE_LM_SYSTEM_STORE_FLAG | CERT_ACCESS_STATE_GP_SYSTEM_STORE_FLAG,
+    "LocalMachine": CERT_ACCESS_STATE_GP_SYSTEM_STORE_FLAG,
+}
 
 
 # --------------------------------------------------------------------------- backend interface
@@ -116,7 +142,7 @@ class PfxImport(Protocol):
         ...
 
     def key_security(self, thumbprint: str) -> str:
-        """The DACL of the certificate's persisted CNG key, as SDDL ("D:...")."""
+        """The DACL of the certificate's persisted CNG key, as Windows reads it back ("D:...")."""
         ...
 
     def set_key_security(self, thumbprint: str, sddl: str) -> None:
@@ -164,14 +190,19 @@ class WindowsCertBackend(Protocol):
         ...
 
     def delete(self, location: str, store: str, thumbprint: str, *, delete_key: bool) -> None:
-        """Delete a certificate from a system store, and its private key when asked."""
+        """Delete a certificate from a system store, and its private key when asked.
+
+        With ``delete_key`` the key is acquired first; if that fails (except for a certificate
+        without a key) nothing is deleted.
+        """
         ...
 
     def key_security(self, location: str, store: str, thumbprint: str) -> str:
         """The DACL of the CNG key of a certificate in a system store, as SDDL ("D:...").
 
-        A certificate without a private key CNG can open raises Win32Error with
-        CRYPT_E_NO_KEY_PROPERTY, NTE_BAD_KEYSET or NTE_BAD_PROVIDER.
+        Windows' own text: SIDs as aliases, generic rights mapped. A certificate without a private
+        key raises Win32Error with CRYPT_E_NO_KEY_PROPERTY or NTE_BAD_KEYSET; one whose key is in
+        a legacy CryptoAPI provider CNG cannot open raises NTE_BAD_PROVIDER.
         """
         ...
 
@@ -181,6 +212,10 @@ class WindowsCertBackend(Protocol):
 
     def lookup_account(self, name: str) -> str | None:
         """The account's string SID ("S-1-5-20"), or None when no such account exists."""
+        ...
+
+    def is_elevated(self) -> bool:
+        """Whether this process has administrator rights (elevated, or LocalSystem)."""
         ...
 
 
@@ -311,114 +346,34 @@ def _description(existing: _Entry | None, identity: _Identity, uri: SecretUri) -
 
 # ------------------------------------------------------------------------------- key ACLs
 
-# SDDL aliases of well-known SIDs (sddl.h), so an ACE written as "NS" matches "S-1-5-20".
-_SID_ALIASES = {
-    "AN": "S-1-5-7",
-    "AU": "S-1-5-11",
-    "BA": "S-1-5-32-544",
-    "BU": "S-1-5-32-545",
-    "CO": "S-1-3-0",
-    "IU": "S-1-5-4",
-    "LS": "S-1-5-19",
-    "NS": "S-1-5-20",
-    "NU": "S-1-5-2",
-    "OW": "S-1-3-4",
-    "PS": "S-1-5-10",
-    "RC": "S-1-5-12",
-    "SU": "S-1-5-6",
-    "SY": "S-1-5-18",
-    "WD": "S-1-1-0",
-}
-_READ_RIGHTS = frozenset({"GR", "GA", "FR", "FA"})
-_FULL_RIGHTS = frozenset({"GA", "FA"})
-_GENERIC_READ = 0x80000000  # winnt.h
-_GENERIC_ALL = 0x10000000  # winnt.h
-_FILE_GENERIC_READ = 0x00120089  # winnt.h (SDDL "FR")
-_FILE_ALL_ACCESS = 0x001F01FF  # winnt.h (SDDL "FA")
 #: Who keeps full control of machine keys (the KSP's own default): LocalSystem, Administrators.
 _MACHINE_KEY_OWNERS = ("SY", "BA")
-
-
-def _canonical_sid(sid: str) -> str:
-    sid = sid.strip().upper()
-    return _SID_ALIASES.get(sid, sid)
-
-
-def _split_dacl(sddl: str) -> tuple[str, str, list[str], str]:
-    """(text before the DACL, DACL flags, ACE strings, text after) of an SDDL string."""
-    depth = 0
-    start = -1
-    for index, char in enumerate(sddl):
-        if char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-        elif depth == 0 and sddl.startswith("D:", index):
-            start = index
-            break
-    if start < 0:
-        raise ValueError(f"the key's security descriptor has no DACL: {sddl!r}")
-    index = start + 2
-    while index < len(sddl) and sddl[index] not in "(" and not sddl.startswith("S:", index):
-        index += 1
-    flags = sddl[start + 2 : index]
-    aces: list[str] = []
-    while index < len(sddl) and sddl[index] == "(":
-        depth, end = 0, index
-        for end in range(index, len(sddl)):
-            depth += {"(": 1, ")": -1}.get(sddl[end], 0)
-            if depth == 0:
-                break
-        if depth != 0:
-            raise ValueError(f"unbalanced parentheses in security descriptor {sddl!r}")
-        aces.append(sddl[index : end + 1])
-        index = end + 1
-    return sddl[:start], flags, aces, sddl[index:]
-
-
-def _ace_grants(ace: str, sid: str, rights: frozenset[str], mask_bits: Iterable[int]) -> bool:
-    fields = ace[1:-1].split(";")
-    if len(fields) < 6 or fields[0].upper() != "A" or _canonical_sid(fields[5]) != sid:
-        return False
-    text = fields[2].strip().upper()
-    if text.startswith("0X"):
-        try:
-            mask = int(text, 16)
-        except ValueError:
-            return False
-        return any(mask & bits == bits for bits in mask_bits)
-    return any(text[i : i + 2] in rights for i in range(0, len(text), 2))
 
 
 def _grant_read_access(sddl: str, sids: Sequence[str], *, full_control: Sequence[str] = ()) -> str:
     """``sddl`` with an allow-read ACE for each of ``sids`` and full control for ``full_control``.
 
-    ACEs already there are kept as they are; a SID that already has read (or more) gets nothing
-    new. New ACEs go after the explicit ACEs and before inherited ones, keeping canonical order.
+    Who has what is decided on the parsed ACEs (SIDs resolved, generic rights mapped), since
+    Windows reads back ``GR`` for S-1-5-20 as ``FR`` for NS. ACEs already there are kept as they
+    are; a SID that already has read (or more) gets nothing new. New ACEs go after the explicit
+    ACEs and before inherited ones, keeping canonical order.
     """
-    prefix, flags, aces, suffix = _split_dacl(sddl)
-    if "NO_ACCESS_CONTROL" in flags.upper():
+    descriptor = _sddl.parse(sddl)
+    if descriptor.null_dacl:
         return sddl  # a NULL DACL already lets everyone in; adding ACEs would lock people out
-    wanted: list[str] = []
-    for raw in full_control:
-        sid = _canonical_sid(raw)
-        if not any(
-            _ace_grants(ace, sid, _FULL_RIGHTS, (_GENERIC_ALL, _FILE_ALL_ACCESS))
-            for ace in [*aces, *wanted]
-        ):
-            wanted.append(f"(A;;FA;;;{raw})")
-    for raw in sids:
-        sid = _canonical_sid(raw)
-        bits = (_GENERIC_READ, _GENERIC_ALL, _FILE_GENERIC_READ)
-        if not any(_ace_grants(ace, sid, _READ_RIGHTS, bits) for ace in [*aces, *wanted]):
-            wanted.append(f"(A;;GR;;;{raw})")
-    if not wanted:
-        return sddl
-    position = next(
-        (i for i, ace in enumerate(aces) if "ID" in ace[1:-1].split(";")[1].upper()), len(aces)
-    )
-    aces[position:position] = wanted
-    return f"{prefix}D:{flags}{''.join(aces)}{suffix}"
+    wanted = [(sid, _sddl.FILE_ALL_ACCESS, "FA") for sid in full_control]
+    wanted += [(sid, _sddl.FILE_GENERIC_READ, "GR") for sid in sids]
+    added: list[_sddl.Ace] = []
+    for sid, rights, alias in wanted:
+        if not descriptor.with_explicit(added).grants(sid, rights):
+            added.append(_sddl.Ace.parse(f"(A;;{alias};;;{sid})"))
+    return descriptor.with_explicit(added).text() if added else sddl
+
+
+def _missing_read(sddl: str, sids: Sequence[str]) -> list[str]:
+    """The SIDs the key's DACL, as Windows reads it back, does not let read."""
+    descriptor = _sddl.parse(sddl)
+    return [sid for sid in sids if not descriptor.grants(sid, _sddl.FILE_GENERIC_READ)]
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -509,6 +464,7 @@ class WindowsCertStore:
         self.remove_superseded = remove_superseded
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._elevated: bool | None = None
 
     @classmethod
     def from_settings(
@@ -549,6 +505,7 @@ class WindowsCertStore:
         location, store = _target(observed)
         where = f"{location}\\{store}"
         _check_key(material, where)
+        self._check_elevated(location, where)
         leaf = material.thumbprint
         with self._lock(location, store):
             entries = self._entries(location, store, where)
@@ -605,6 +562,7 @@ class WindowsCertStore:
                     wanted = _granted(current, plan.sids, plan.location, plan.where)
                     if wanted != current:
                         staged.set_key_security(leaf, wanted)
+                        _check_granted(staged.key_security(leaf), plan, leaf)
             self._add_intermediates(plan.material, plan.location)
             with _win32(plan.where, "add the certificate to the store"):
                 staged.add_to_store(
@@ -625,17 +583,20 @@ class WindowsCertStore:
         CNG can open: then it has to be imported (and replaced) after all.
         """
         leaf = same.thumbprint
+        backend = self._backend
         try:
-            current = self._backend.key_security(plan.location, plan.store, leaf)
+            current = backend.key_security(plan.location, plan.store, leaf)
         except Win32Error as error:
-            if error.code in _NO_USABLE_KEY:
+            if error.code in _NO_KEY:
                 logger.info(
-                    "%s: %s is there without a usable private key (%s); importing it",
+                    "%s: %s is there without a private key (%s); importing it",
                     plan.where,
                     leaf,
                     error,
                 )
                 return None
+            if error.code == NTE_BAD_PROVIDER:
+                raise _legacy_key(plan, leaf, error) from error
             raise StoreError(
                 f"{plan.where}: cannot read the private key access of {leaf}: {error}"
             ) from error
@@ -643,15 +604,18 @@ class WindowsCertStore:
             with _win32(plan.where, "grant accounts read access to the private key"):
                 wanted = _granted(current, plan.sids, plan.location, plan.where)
                 if wanted != current:
-                    self._backend.set_key_security(plan.location, plan.store, leaf, wanted)
+                    backend.set_key_security(plan.location, plan.store, leaf, wanted)
+                    _check_granted(
+                        backend.key_security(plan.location, plan.store, leaf), plan, leaf
+                    )
         self._add_intermediates(plan.material, plan.location)
         friendly = _encode_text(_friendly_name(plan.observed.uri))
         with _win32(plan.where, "set the certificate's friendly name and description"):
-            self._backend.set_property(
+            backend.set_property(
                 plan.location, plan.store, leaf, CERT_FRIENDLY_NAME_PROP_ID, friendly
             )
             # The commit point: from here on this install is the current one.
-            self._backend.set_property(
+            backend.set_property(
                 plan.location,
                 plan.store,
                 leaf,
@@ -662,7 +626,7 @@ class WindowsCertStore:
         if same.renewal is not None:
             try:
                 with _win32(plan.where, f"remove the renewal link of {leaf}"):
-                    self._backend.set_property(
+                    backend.set_property(
                         plan.location, plan.store, leaf, CERT_RENEWAL_PROP_ID, None
                     )
             except StoreError as error:
@@ -768,7 +732,23 @@ class WindowsCertStore:
             if error.code == ERROR_FILE_NOT_FOUND:
                 return []  # the store does not exist yet: nothing installed
             raise StoreError(f"{where}: cannot list the store: {error}") from error
-        return [_Entry.of(item) for item in stored]
+        elsewhere = _ELSEWHERE[location]
+        return [_Entry.of(item) for item in stored if not _access_state(item) & elsewhere]
+
+    def _check_elevated(self, location: str, where: str) -> None:
+        """Refuse a LocalMachine install up front, as Windows would refuse its writes."""
+        if location != "LocalMachine":
+            return
+        if self._elevated is None:
+            # Elevation cannot change while a process runs: ask Windows once.
+            with _win32(where, "check for administrator rights"):
+                self._elevated = self._backend.is_elevated()
+        if not self._elevated:
+            raise StoreError(
+                f"{where}: installing into LocalMachine stores needs administrator rights, and "
+                "this process has none: run elevated or as a service account (the Windows "
+                "service runs as LocalSystem), or install into CurrentUser"
+            )
 
     def _lock(self, location: str, store: str) -> threading.Lock:
         # Store names are case-insensitive in Windows ("MY" and "My" are one store).
@@ -789,6 +769,13 @@ def _target(observed: ObservedCertificate) -> tuple[str, str]:
         raise StoreError(
             f"{observed.uri}: certificateStoreName {observed.store_name!r} is not a store name"
         )
+    if store.upper() in _ROOT_STORES:
+        raise StoreError(
+            f"{observed.uri}: certificateStoreName {observed.store_name!r} is a trusted root "
+            "store; kvcertsync never writes to a root store (trust anchors are for an "
+            "administrator to add, and CurrentUser\\Root asks the user in a dialog): use My, or "
+            "another store"
+        )
     return location, store
 
 
@@ -799,6 +786,37 @@ def _granted(current: str, sids: Sequence[str], location: str, where: str) -> st
         return _grant_read_access(current, sids, full_control=owners)
     except ValueError as error:
         raise StoreError(f"{where}: {error}") from None
+
+
+def _check_granted(readback: str, plan: _Plan, thumbprint: str) -> None:
+    """Fail unless the DACL Windows reads back lets every account read the key."""
+    try:
+        missing = _missing_read(readback, plan.sids)
+    except ValueError as error:
+        raise StoreError(f"{plan.where}: {error}") from None
+    if missing:
+        raise StoreError(
+            f"{plan.where}: granted read access to the private key of {thumbprint}, but Windows "
+            f"reads its DACL back without it for {', '.join(missing)}: {readback}"
+        )
+
+
+def _legacy_key(plan: _Plan, thumbprint: str, error: Win32Error) -> StoreError:
+    """Why an identical certificate with a legacy CryptoAPI key is left alone, and what to do."""
+    path = f"Cert:\\{plan.location}\\{plan.store}\\{thumbprint}"
+    return StoreError(
+        f"{plan.where}: {thumbprint} is already in the store with a private key in a legacy "
+        "CryptoAPI provider that CNG cannot open; kvcertsync leaves it alone, since importing it "
+        "again would orphan that key container and the access granted on it. Remove it with its "
+        f"key (PowerShell: Remove-Item {path} -DeleteKey), or re-import it into a CNG key storage "
+        f"provider, and the next install puts it in ({error})"
+    )
+
+
+def _access_state(stored: StoredCertificate) -> int:
+    # CERT_ACCESS_STATE_PROP_ID is a DWORD; a backend that does not know it reports nothing.
+    value = stored.properties.get(CERT_ACCESS_STATE_PROP_ID, b"")
+    return int.from_bytes(value[:4], "little")
 
 
 def _check_key(material: CertificateMaterial, where: str) -> None:
