@@ -20,9 +20,9 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 import anyio
+from _common import timed  # run as a script: benchmarks/ is on sys.path
 from azure.identity.aio import ManagedIdentityCredential
 from azure.keyvault.secrets.aio import SecretClient
-from bench_source import timed  # run as a script: benchmarks/ is on sys.path
 
 from kvcertsync.auth import ImdsCredential
 from kvcertsync.emulator import LocalKeyVault

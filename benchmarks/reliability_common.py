@@ -20,15 +20,15 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+from _common import KVCERTSYNC, proc_status, rss_mib  # run as a script: benchmarks/ is on sys.path
 
 from kvcertsync.emulator import LocalKeyVault
 from kvcertsync.material import PEM_CONTENT_TYPE, PKCS12_CONTENT_TYPE
 
+__all__ = ["KVCERTSYNC", "VAULT", "Emulator", "open_fds", "proc_status", "rss_mib", "secret_url"]
+
 VAULT = "bench"
 _SCRIPT = Path(__file__).resolve()
-_CONSOLE = Path(sys.executable).with_name("kvcertsync")
-#: The command that runs the agent, as an operator would.
-KVCERTSYNC = [str(_CONSOLE)] if _CONSOLE.exists() else [sys.executable, "-m", "kvcertsync"]
 
 
 def secret_url(index: int) -> str:
@@ -129,17 +129,6 @@ async def _serve(certs: int, rotate_every: float) -> None:
                     rotations += 1
             tg.cancel_scope.cancel()
         print(json.dumps({"rotations": rotations}), flush=True)
-
-
-def proc_status(pid: int | str = "self") -> dict[str, str]:
-    """``/proc/PID/status`` as a mapping (VmRSS, Threads, ...)."""
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
-
-
-def rss_mib(pid: int | str = "self") -> float:
-    """The resident set size of a process in MiB, from /proc."""
-    return int(proc_status(pid)["VmRSS"].split()[0]) / 1024
 
 
 def open_fds(pid: int | str = "self") -> int:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from kvcertsync.emulator._bulk import bulk_load
 from kvcertsync.emulator._controls import CONTROL_ROUTES, control_route
 from kvcertsync.emulator._json import json_object
 from kvcertsync.emulator.store import VaultError
@@ -78,6 +79,8 @@ class AdminApi:
                 "imdsPort": kv.imds_port,
                 "caFile": kv.ca_file,
                 "requestCounts": kv.request_counts,
+                "responseCounts": kv.response_counts,
+                "openConnections": kv.open_connections,
                 "imdsRequests": kv.imds_requests,
                 "vaults": kv.vaults(),
                 "faults": kv.faults(),
@@ -91,6 +94,7 @@ class AdminApi:
                     "status": r.status,
                     "fault": r.fault,
                     "time": r.time,
+                    "peerPort": r.peer_port,
                 }
                 for r in kv.requests
             ]
@@ -105,6 +109,8 @@ class AdminApi:
             if method == "POST":
                 self._set_faults(await self._body(request))
                 return kv.faults()
+        if head == "bulk" and method == "POST" and not rest:
+            return await bulk_load(kv, await self._body(request), AdminError)
         if head == "webhooks":
             return await self._webhook_route(request, rest)
         if head in CONTROL_ROUTES and not rest:

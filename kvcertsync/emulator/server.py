@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kvcertsync.emulator._backup import BackupSealer
 from kvcertsync.emulator._certificate_api import CertificateApi
+from kvcertsync.emulator._connections import ConnectionLimit
 from kvcertsync.emulator._encoding import CONTENT_TYPES as _CERT_TYPES
 from kvcertsync.emulator._encoding import convert as _convert
 from kvcertsync.emulator._encoding import encode_certificate
@@ -71,6 +72,7 @@ THROTTLED_MESSAGE = (
 _LOOPBACK = frozenset({"localhost", "127.0.0.1"})
 _SHUTDOWN_TIMEOUT = 1.0
 _TICK = 1.0
+_MAX_BODY = 64 * 2**20
 _SERVICE_ERRORS = {
     500: ("InternalServerError", "The server encountered an internal error. Please retry."),
     502: ("BadGateway", "The server received an invalid response from an upstream server."),
@@ -102,6 +104,8 @@ class RequestRecord:
     status: int | None
     fault: str | None = None
     time: float = attrs.field(factory=time.time, eq=False)
+    #: The client's TCP port: which connection, so which client process, sent it.
+    peer_port: int | None = attrs.field(default=None, eq=False)
 
 
 @attrs.frozen
@@ -133,6 +137,12 @@ class _Countdown:
             return False
         self.remaining -= 1
         return True
+
+
+def _port(request: web.BaseRequest) -> int | None:
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return int(peer[1]) if isinstance(peer, tuple) and len(peer) >= 2 else None
 
 
 def _epoch(value: Timestamp | None) -> int | None:
@@ -199,6 +209,8 @@ class LocalKeyVault:
         issuance_delay: float = 0.0,
         clock: VaultClock | None = None,
         admin_token: str | None = None,
+        max_grants: int = 100_000,
+        max_connections: int = 1024,
     ) -> None:
         #: What the admin routes (``/_emulator/...``) require, in ``X-Emulator-Token`` or as a
         #: bearer token: they can read every secret, so no other local process may use them.
@@ -229,6 +241,9 @@ class LocalKeyVault:
         self._revoked: set[str] = set()
         self._issued: collections.deque[str] = collections.deque(maxlen=request_log_size)
         self._request_counts: collections.Counter[str] = collections.Counter()
+        self._response_counts: collections.Counter[tuple[str, int | None]] = collections.Counter()
+        self._max_grants = max_grants
+        self._connections = ConnectionLimit(max_connections)
         self._requests: collections.deque[RequestRecord] = collections.deque(
             maxlen=request_log_size
         )
@@ -316,7 +331,8 @@ class LocalKeyVault:
         port: int,
         ssl_context: ssl.SSLContext | None,
     ) -> int:
-        app = web.Application()
+        # Bulk loads (``POST /_emulator/bulk``) carry thousands of secrets in one body.
+        app = web.Application(client_max_size=_MAX_BODY)
         # One catch-all route: vault, auth and faults come before any path matching.
         app.router.add_route("*", "/{tail:.*}", handler)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT)
@@ -428,10 +444,31 @@ class LocalKeyVault:
             return dict(self._request_counts)
 
     @property
+    def response_counts(self) -> dict[str, dict[str, int]]:
+        """Secrets API answers per vault and status (``"dropped"``: connection closed)."""
+        with self._lock:
+            counts = list(self._response_counts.items())
+        result: dict[str, dict[str, int]] = {}
+        for (vault, status), count in counts:
+            result.setdefault(vault, {})[str(status) if status else "dropped"] = count
+        return result
+
+    @property
     def requests(self) -> list[RequestRecord]:
         """The most recent secrets API requests, oldest first (no bodies, no values)."""
         with self._lock:
             return list(self._requests)
+
+    @property
+    def open_connections(self) -> int:
+        """Client connections to the HTTPS port open now: at most ``max_connections``."""
+        return self._connections.open
+
+    @property
+    def live_grants(self) -> int:
+        """Tokens the vault holds grants for (issued, not yet pruned): at most ``max_grants``."""
+        with self._lock:
+            return len(self._tokens)
 
     @property
     def imds_requests(self) -> int:
@@ -745,6 +782,10 @@ class LocalKeyVault:
     # ------------------------------------------------------------------ HTTPS: dispatch
 
     async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+        with self._connections.request(request.transport):
+            return await self._answer(request)
+
+    async def _answer(self, request: web.BaseRequest) -> web.StreamResponse:
         hostname, base, next_base = _host_parts(request)
         if hostname in _LOOPBACK and request.path.startswith("/_emulator/"):
             refused = self._admin_refusal(request)
@@ -778,7 +819,16 @@ class LocalKeyVault:
                 response = await self._route(request, vault, base, next_base)
             except VaultError as error:
                 response = _error_response(error)
-        self._log(RequestRecord(request.method, vault, request.path, response.status, fault))
+        self._log(
+            RequestRecord(
+                request.method,
+                vault,
+                request.path,
+                response.status,
+                fault,
+                peer_port=_port(request),
+            )
+        )
         return response
 
     @property
@@ -809,6 +859,7 @@ class LocalKeyVault:
     def _log(self, record: RequestRecord) -> None:
         with self._lock:
             self._requests.append(record)
+            self._response_counts[record.vault, record.status] += 1
         logger.debug(
             "%s %s %s -> %s%s",
             record.vault,
@@ -832,7 +883,9 @@ class LocalKeyVault:
             # abort(), not close(): no TLS close_notify, so the client sees the connection die
             # mid-request, as with a reset or a crashed front end.
             transport.abort()
-        self._log(RequestRecord(request.method, vault, request.path, None, why))
+        self._log(
+            RequestRecord(request.method, vault, request.path, None, why, peer_port=_port(request))
+        )
         # aiohttp cannot write this to the aborted transport; the client never sees it.
         return web.Response(status=503)
 
@@ -1117,9 +1170,17 @@ class LocalKeyVault:
         # The client keeps the real clock; the grant ages with the clock's token time.
         token_now = self.clock.token_time()
         with self._lock:
-            expired = [t for t, g in self._tokens.items() if g.expires_on <= token_now]
-            for stale in expired:
-                del self._tokens[stale]
+            # Grants expire in the order they were issued (one lifetime, one clock), so pruning
+            # from the oldest keeps issuing O(1); the cap bounds a flood of fresh tokens within
+            # one lifetime (each grant is ~700 bytes) by evicting the oldest.
+            while self._tokens:
+                oldest = next(iter(self._tokens))
+                if (
+                    self._tokens[oldest].expires_on > token_now
+                    and len(self._tokens) < self._max_grants
+                ):
+                    break
+                del self._tokens[oldest]
             self._tokens[token] = _Grant(resource, client_id, token_now + lifetime)
             self._issued.append(token)
         logger.debug("IMDS issued a token for %s (client %s)", resource, client_id)
