@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 
 import attrs
 
@@ -20,11 +21,26 @@ THROTTLE_LADDER = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 @attrs.frozen
 class RetryPolicy:
-    """Exponential backoff with full jitter, capped; a server's retry-after always wins."""
+    """Exponential backoff with full jitter, capped; a server's retry-after always wins.
+
+    A retry-after is never cut short: jitter goes on top, uniform up to ``after_jitter`` of
+    the wait but at least ``after_spread`` seconds and at most ``after_spread_max`` (defaults:
+    20 %, 1 s, 30 s), so clients told the same wait by a throttled vault do not all return in
+    the same instant.
+    """
 
     initial: float = attrs.field(default=1.0, validator=attrs.validators.gt(0))
     maximum: float = attrs.field(default=300.0, validator=attrs.validators.gt(0))
     multiplier: float = attrs.field(default=2.0, validator=attrs.validators.ge(1))
+    after_jitter: float = attrs.field(default=0.2, validator=attrs.validators.ge(0))
+    after_spread: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
+    after_spread_max: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
+
+    def after(self, retry_after: float, rng: random.Random) -> float:
+        """The wait for a server's ``retry-after``: at least that long, jittered on top."""
+        wait = max(retry_after, 0.0)
+        spread = min(max(self.after_spread, self.after_jitter * wait), self.after_spread_max)
+        return wait + rng.uniform(0.0, spread)
 
     def ceiling(self, attempt: int) -> float:
         """The largest delay before retry number ``attempt`` (1-based)."""
@@ -42,10 +58,11 @@ class RetryPolicy:
         """Seconds to wait before retry number ``attempt``, at most ``cap`` unless told.
 
         The engine caps at the polling interval: a failing certificate is never retried
-        later than a healthy one is polled. A server's retry-after is obeyed as it is.
+        later than a healthy one is polled. A server's retry-after is obeyed, never shortened
+        (jittered on top: ``after``).
         """
         if retry_after is not None and math.isfinite(retry_after):
-            return max(retry_after, 0.0)
+            return self.after(retry_after, rng)
         ceiling = self.ceiling(attempt)
         return rng.uniform(0.0, ceiling if cap is None else min(ceiling, cap))
 
@@ -61,8 +78,10 @@ class VaultLimiter:
         *,
         min_rate: float = 0.5,
         recovery: float = 60.0,
+        jitter: Callable[[float], float] | None = None,
     ) -> None:
         self._clock = clock
+        self._jitter = jitter or float
         self.configured_rate = rate
         self.burst = burst
         self.min_rate = min(min_rate, rate)
@@ -78,7 +97,12 @@ class VaultLimiter:
     @property
     def rate(self) -> float:
         """The current rate: reduced after throttling, climbing back linearly over ``recovery``."""
-        elapsed = self._clock.now() - max(self._throttled_at, self._paused_until)
+        return self._rate_at(self._clock.now())
+
+    def _rate_at(self, now: float) -> float:
+        if self._throttled_at == -math.inf:
+            return self.configured_rate  # never throttled: the common case, kept cheap
+        elapsed = now - max(self._throttled_at, self._paused_until)
         if elapsed <= 0:
             return self._throttled_rate
         share = min(1.0, elapsed / self.recovery) if self.recovery > 0 else 1.0
@@ -89,26 +113,27 @@ class VaultLimiter:
         """Monotonic time until which no request may go to this vault."""
         return self._paused_until
 
-    def _refill(self) -> None:
+    def _refill(self) -> float:
+        """Add the tokens earned since the last refill; returns the time now."""
         now = self._clock.now()
         start = max(self._updated, self._paused_until)
-        if now > start:
-            self._tokens = min(self.burst, self._tokens + (now - start) * self.rate)
+        if now > start and self._tokens < self.burst:
+            self._tokens = min(self.burst, self._tokens + (now - start) * self._rate_at(now))
         self._updated = max(now, self._updated)
+        return now
 
     def delay(self) -> float:
         """Seconds until a token is available (0 when one is)."""
-        self._refill()
-        now = self._clock.now()
+        now = self._refill()
         wait = max(0.0, self._paused_until - now)
         if self._tokens >= _WHOLE:
             return wait
-        return wait + (1.0 - self._tokens) / self.rate
+        return wait + (1.0 - self._tokens) / self._rate_at(now)
 
     def try_take(self) -> bool:
         """Take a token if one is available now."""
-        self._refill()
-        if self._clock.now() < self._paused_until or self._tokens < _WHOLE:
+        now = self._refill()
+        if now < self._paused_until or self._tokens < _WHOLE:
             return False
         self._tokens = max(0.0, self._tokens - 1.0)
         return True
@@ -116,11 +141,12 @@ class VaultLimiter:
     def throttled(self, retry_after: float | None) -> float:
         """Record a 429: pause (retry-after, else the 1-2-4-8-16 s ladder), halve the rate.
 
-        Requests already in flight when the vault starts throttling all come back 429 at once;
-        those answers belong to the same episode and only extend a retry-after pause.
+        The pause that starts an episode goes through ``jitter`` (never shorter, a random
+        extra on top), so processes throttled together do not come back together. Requests
+        already in flight when the vault starts throttling all come back 429 at once; those
+        answers belong to the same episode and only extend the pause to their retry-after.
         """
-        self._refill()
-        now = self._clock.now()
+        now = self._refill()
         if now < self._paused_until:
             if retry_after is not None and math.isfinite(retry_after):
                 self._paused_until = max(self._paused_until, now + max(retry_after, 0.0))
@@ -128,9 +154,10 @@ class VaultLimiter:
         pause = retry_after
         if pause is None or not math.isfinite(pause):
             pause = THROTTLE_LADDER[min(self._streak, len(THROTTLE_LADDER) - 1)]
+        pause = self._jitter(max(pause, 0.0))
         self._streak += 1
         self.throttles += 1
-        self._throttled_rate = max(self.min_rate, self.rate / 2)
+        self._throttled_rate = max(self.min_rate, self._rate_at(now) / 2)
         self._throttled_at = now
         self._paused_until = now + max(pause, 0.0)
         self._tokens = 0.0

@@ -1,38 +1,32 @@
-"""KeyVaultSource: secrets from Azure Key Vault through the official SDK, on one shared session."""
+"""KeyVaultSource: Key Vault secrets, directly or through the official SDK, on one session.
+
+The direct path (the default) GETs each secret over the shared aiohttp session with the SDK's
+own challenge parser and resource check, and hands anything unusual to the SDK's SecretClient;
+``mode="sdk"`` sends every request through the SecretClient, the reference implementation.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import ssl
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
 import anyio
+import anyio.lowlevel
 from azure.core.credentials_async import AsyncTokenCredential
-from azure.core.exceptions import (
-    ClientAuthenticationError,
-    HttpResponseError,
-    ResourceNotFoundError,
-    ServiceRequestError,
-    ServiceResponseError,
-)
+from azure.core.exceptions import ClientAuthenticationError
 from azure.core.pipeline.transport import AioHttpTransport
-from azure.keyvault.secrets import KeyVaultSecret
+from azure.keyvault.secrets._shared import http_challenge_cache
+from azure.keyvault.secrets._shared.client_base import DEFAULT_VERSION, ApiVersion
 from azure.keyvault.secrets.aio import SecretClient
 
-from kvcertsync._http import retry_after
 from kvcertsync.auth import CredentialCache
 from kvcertsync.auth.shared import TOKEN_TIMEOUT, SharedCredential, share, token_use
-from kvcertsync.errors import (
-    AccessDenied,
-    AuthenticationFailed,
-    SecretNotFound,
-    SourceError,
-    Throttled,
-    TransientSourceError,
-)
+from kvcertsync.errors import SourceError, TransientSourceError
+from kvcertsync.sources._direct import DirectClient, Unusual
+from kvcertsync.sources._errors import TokenRefused, map_error, refused
 from kvcertsync.sources.base import SecretVersion
 from kvcertsync.sources.redirect import RedirectResolver
 from kvcertsync.uri import VAULT_DNS_SUFFIXES, SecretUri
@@ -40,110 +34,28 @@ from kvcertsync.uri import VAULT_DNS_SUFFIXES, SecretUri
 if TYPE_CHECKING:
     from kvcertsync.settings import AgentSettings
 
-__all__ = ["KeyVaultSource", "map_error"]
+__all__ = ["MODES", "KeyVaultSource", "map_error"]
 
 logger = logging.getLogger(__name__)
 
+#: The vaults a first request is learning the challenge of, per event loop, across every
+#: source in the process (challenges are kept process-wide): the others wait for it.
+_WARMING: dict[tuple[object, str], anyio.Event] = {}
 
-def _service_error(error: HttpResponseError) -> tuple[str | None, str | None, str | None]:
-    """The service's error code, inner error code and message, read from the response body."""
-    response = error.response
-    if response is None:
-        return None, None, None
-    try:
-        body = json.loads(response.text())
-        detail = body["error"]
-        inner = detail.get("innererror") or {}
-        message = detail.get("message")
-        return detail.get("code"), inner.get("code"), message if isinstance(message, str) else None
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None, None, None
-
-
-def _causes(error: BaseException) -> list[BaseException]:
-    """The error and what it wraps (azure-core keeps the transport's error in inner_exception)."""
-    seen: list[BaseException] = []
-    current: BaseException | None = error
-    while current is not None and current not in seen:
-        seen.append(current)
-        inner = getattr(current, "inner_exception", None)
-        current = (
-            inner if isinstance(inner, BaseException) else current.__cause__ or current.__context__
-        )
-    return seen
-
-
-def _permanent(error: SourceError) -> SourceError:
-    error.retryable = False
-    return error
-
-
-def map_error(uri: SecretUri, error: BaseException) -> SourceError:
-    """Translate an azure-core / aiohttp / credential failure into the SourceError family."""
-    if isinstance(error, SourceError):
-        return error  # our own credentials already say what happened and whether to retry
-    if isinstance(error, ClientAuthenticationError):
-        # Raised by credentials with their token endpoint's response (an IMDS 404 is not a
-        # missing secret), and by the SDK for the vault's own 401.
-        return AuthenticationFailed(f"{uri}: no usable token: {error.message}")
-    if isinstance(error, ResourceNotFoundError):
-        return SecretNotFound(f"{uri}: secret not found (404)")
-    if isinstance(error, HttpResponseError) and error.status_code is not None:
-        status = error.status_code
-        code, inner, _ = _service_error(error)
-        headers: Mapping[str, str] = getattr(error.response, "headers", None) or {}
-        detail = f"{status} {inner or code or error.reason or ''}".strip()
-        if status == 403:
-            return AccessDenied(
-                f"{uri}: access denied ({detail})", code=inner or code or "Forbidden"
-            )
-        if status == 404:
-            return SecretNotFound(f"{uri}: secret not found ({detail})")
-        if status == 429:
-            return Throttled(f"{uri}: throttled ({detail})", retry_after=retry_after(headers))
-        if status >= 500 or status == 408:
-            return TransientSourceError(
-                f"{uri}: service error ({detail})", retry_after=retry_after(headers)
-            )
-        return _permanent(SourceError(f"{uri}: unexpected response ({detail})"))
-    if any(isinstance(e, ssl.SSLCertVerificationError) for e in _causes(error)):
-        return _permanent(
-            SourceError(
-                f"{uri}: TLS verification failed: the vault's certificate is not trusted "
-                "(a TLS-inspecting proxy needs its CA passed as ca_file)"
-            )
-        )
-    if isinstance(error, ServiceRequestError | ServiceResponseError):
-        return TransientSourceError(f"{uri}: connection failed: {error.message}")
-    if isinstance(error, aiohttp.ClientError | OSError | TimeoutError):
-        return TransientSourceError(f"{uri}: connection failed: {type(error).__name__}")
-    if isinstance(error, ValueError):
-        # The SDK's own refusals (a challenge for another resource, say): configuration errors.
-        return _permanent(SourceError(f"{uri}: {error}"))
-    return _permanent(SourceError(f"{uri}: unexpected {type(error).__name__}"))
-
-
-def _refused(uri: SecretUri, error: ClientAuthenticationError, note: str) -> SourceError:
-    """The vault's 401 to the token it was sent, said as such, with ``note`` on what was tried."""
-    code, _, message = _service_error(error)
-    detail = "; ".join(part for part in (code, message) if part)
-    return AuthenticationFailed(
-        f"{uri}: the vault refused the token (401{': ' + detail if detail else ''}), {note}"
-    )
-
-
-class _TokenRefused(Exception):
-    """The vault answered 401 to a token the credential gave: it no longer takes that token."""
-
-    def __init__(self, token: str, error: ClientAuthenticationError) -> None:
-        super().__init__("the vault refused the token")  # never the token itself
-        self.token = token
-        self.error = error
+Mode = Literal["direct", "sdk"]
+#: How a KeyVaultSource sends its GETs: ``direct`` (lean, the default) or ``sdk`` (the reference).
+MODES: tuple[Mode, ...] = ("direct", "sdk")
+_SUPPORTED_VERSIONS = tuple(v.value for v in ApiVersion)
 
 
 class KeyVaultSource:
-    """Reads secrets with ``azure.keyvault.secrets.aio.SecretClient``: a client per vault and
-    identity, all on one aiohttp session; the SDK's retries are off (the engine retries).
+    """Reads Key Vault secrets on one aiohttp session; the engine retries, never the source.
+
+    ``mode="direct"`` (the default) GETs each secret itself, with the SDK's challenge parser
+    and resource check, and asks the SDK for anything it does not fully understand;
+    ``mode="sdk"`` reads every secret with ``azure.keyvault.secrets.aio.SecretClient`` (a client
+    per vault and identity, the SDK's retries off). The first request to a vault goes alone:
+    the others wait until its challenge is known, so a process pays one challenge per vault.
 
     ``timeout`` bounds the vault's part of each request; fetching a token has its own bound,
     ``token_timeout`` (it applies to credentials this source wraps; a SharedCredential given
@@ -165,7 +77,15 @@ class KeyVaultSource:
         owns_credentials: bool = False,
         trust_env: bool | None = None,
         token_timeout: float | None = TOKEN_TIMEOUT,
+        mode: Mode = "direct",
     ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if api_version is not None and api_version not in _SUPPORTED_VERSIONS:
+            raise ValueError(
+                f"api_version {api_version!r} is not one the Key Vault SDK supports: "
+                + ", ".join(_SUPPORTED_VERSIONS)
+            )
         if ca_file is not None and ssl_context is not None:
             raise ValueError("give ca_file or ssl_context, not both")
         if not timeout > 0:
@@ -196,7 +116,18 @@ class KeyVaultSource:
         self._api_version = api_version
         self._session: aiohttp.ClientSession | None = None
         self._clients: dict[tuple[str, int], SecretClient] = {}
+        self.mode: Mode = mode
+        self._direct = DirectClient(
+            self._session_for_loop,
+            api_version=api_version or DEFAULT_VERSION.value,
+            connection_timeout=min(10.0, timeout),
+            read_timeout=timeout,
+        )
+        #: Vaults whose challenge is known; the first request to any other goes alone.
+        self._warm: set[str] = set()
+        #: Requests sent (fallbacks to the SDK count twice), and how many fell back.
         self.requests = 0
+        self.fallbacks = 0
 
     @classmethod
     def from_settings(
@@ -257,6 +188,12 @@ class KeyVaultSource:
     def _identity(self, uri: SecretUri) -> SharedCredential:
         return self._overrides.get(uri.latest, self._credential)
 
+    @staticmethod
+    def _verify_resource(uri: SecretUri) -> bool:
+        # A host outside Azure's clouds was accepted on purpose (allow_any_host): the
+        # challenge still names vault.azure.net, which such a host cannot match.
+        return uri.hostname.endswith(VAULT_DNS_SUFFIXES)
+
     def client(self, uri: SecretUri) -> SecretClient:
         """The SecretClient for ``uri``'s vault and identity (created on first use)."""
         credential = self._identity(uri)
@@ -273,9 +210,7 @@ class KeyVaultSource:
             }
             if self._api_version is not None:
                 options["api_version"] = self._api_version
-            if not uri.hostname.endswith(VAULT_DNS_SUFFIXES):
-                # A host outside Azure's clouds was accepted on purpose (allow_any_host): the
-                # challenge still names vault.azure.net, which such a host cannot match.
+            if not self._verify_resource(uri):
                 options["verify_challenge_resource"] = False
             client = SecretClient(uri.vault_url, credential, **options)
             self._clients[key] = client
@@ -283,17 +218,96 @@ class KeyVaultSource:
 
     async def get(self, uri: SecretUri) -> SecretVersion:
         """Fetch ``uri`` (latest when it has no version) and return it as a SecretVersion."""
+        vault = uri.vault_url
+        while vault not in self._warm:
+            if self._challenge_known(vault):
+                self._warm.add(vault)
+                break
+            warming = _WARMING.get((anyio.lowlevel.current_token(), vault))
+            if warming is None:
+                return await self._warm_up(uri)
+            # Another request is learning this vault's challenge: go once it is known. If
+            # that request failed first, the next one in line tries alone in its turn.
+            await warming.wait()
+        return await self._get(uri)
+
+    async def _warm_up(self, uri: SecretUri) -> SecretVersion:
+        """The first request to a vault, alone: the others wait until its challenge is known."""
+        vault = uri.vault_url
+        key = (anyio.lowlevel.current_token(), vault)
+        warming = _WARMING[key] = anyio.Event()
         try:
-            secret = await self._exchange(uri)
-        except _TokenRefused as refused:
-            if not self._identity(uri).reject(refused.token):
+            return await self._get(uri)
+        finally:
+            if self._challenge_known(vault):
+                self._warm.add(vault)
+            del _WARMING[key]
+            warming.set()
+
+    def _challenge_known(self, vault: str) -> bool:
+        if self.mode == "direct" and vault in self._direct.challenges:
+            return True
+        return http_challenge_cache.get_challenge_for_url(vault) is not None
+
+    async def _get(self, uri: SecretUri) -> SecretVersion:
+        """One read, a refused token renewed once."""
+        exchange = self._direct_exchange if self.mode == "direct" else self._sdk_exchange
+        try:
+            return await self._bounded(uri, exchange)
+        except TokenRefused as refusal:
+            self._direct.forget(refusal.token)
+            if not self._identity(uri).reject(refusal.token):
                 note = "a token fetched fresh after an earlier refusal"
-                raise _refused(uri, refused.error, note) from None
+                raise refused(uri, refusal, note) from None
             logger.debug("%s: the vault refused the token; once more with a fresh one", uri)
             try:
-                secret = await self._exchange(uri)
-            except _TokenRefused as again:
-                raise _refused(uri, again.error, "and a freshly fetched one too") from None
+                return await self._bounded(uri, exchange)
+            except TokenRefused as again:
+                self._direct.forget(again.token)
+                raise refused(uri, again, "and a freshly fetched one too") from None
+
+    async def _direct_exchange(self, uri: SecretUri) -> SecretVersion:
+        """The direct GET; what it leaves to the SDK goes there."""
+        self.requests += 1
+        try:
+            return await self._direct.get(uri, self._identity(uri), self._verify_resource(uri))
+        except Unusual as unusual:
+            logger.debug("%s: %s; asking through the SDK", uri, unusual)
+            self.fallbacks += 1
+            return await self._sdk_exchange(uri)
+
+    async def _bounded(
+        self, uri: SecretUri, exchange: Callable[[SecretUri], Awaitable[SecretVersion]]
+    ) -> SecretVersion:
+        """One exchange: the vault's part bounded by ``timeout``, errors mapped."""
+        try:
+            # The token's own bound applies while it is fetched: this one stands still.
+            with anyio.fail_after(self._timeout) as scope, token_use(scope) as use:
+                return await exchange(uri)
+        except TimeoutError:
+            raise TransientSourceError(
+                f"{uri}: the vault gave no answer within {self._timeout:g} s"
+            ) from None
+        except TokenRefused:
+            raise
+        except Exception as error:
+            if (
+                use.token is not None
+                and not use.failed
+                and isinstance(error, ClientAuthenticationError)
+                and not isinstance(error, SourceError)
+                and error.status_code == 401
+            ):
+                raise TokenRefused(use.token, _text(error)) from None
+            mapped = map_error(uri, error)
+            logger.debug("get %s failed: %s", uri, mapped)
+            raise mapped from None
+
+    async def _sdk_exchange(self, uri: SecretUri) -> SecretVersion:
+        """One ``get_secret`` through the SDK's SecretClient."""
+        client = self.client(uri)
+        self.requests += 1
+        secret = await client.get_secret(uri.name, uri.version)
         props = secret.properties
         version = props.version
         if not version or secret.value is None:
@@ -308,31 +322,6 @@ class KeyVaultSource:
             expires=props.expires_on,
             updated=props.updated_on,
         )
-
-    async def _exchange(self, uri: SecretUri) -> KeyVaultSecret:
-        """One ``get_secret``: the vault's part bounded by ``timeout``, errors mapped."""
-        client = self.client(uri)
-        self.requests += 1
-        try:
-            # The token's own bound applies while it is fetched: this one stands still.
-            with anyio.fail_after(self._timeout) as scope, token_use(scope) as use:
-                return await client.get_secret(uri.name, uri.version)
-        except TimeoutError:
-            raise TransientSourceError(
-                f"{uri}: the vault gave no answer within {self._timeout:g} s"
-            ) from None
-        except Exception as error:
-            if (
-                use.token is not None
-                and not use.failed
-                and isinstance(error, ClientAuthenticationError)
-                and not isinstance(error, SourceError)
-                and error.status_code == 401
-            ):
-                raise _TokenRefused(use.token, error) from None
-            mapped = map_error(uri, error)
-            logger.debug("get %s failed: %s", uri, mapped)
-            raise mapped from None
 
     async def aclose(self) -> None:
         """Close every client, the shared session and the credentials this source owns."""
@@ -366,4 +355,16 @@ class KeyVaultSource:
         await self.aclose()
 
     def __repr__(self) -> str:
-        return f"<KeyVaultSource clients={len(self._clients)} redirect={self._redirect or None}>"
+        return (
+            f"<KeyVaultSource mode={self.mode} clients={len(self._clients)} "
+            f"redirect={self._redirect or None}>"
+        )
+
+
+def _text(error: ClientAuthenticationError) -> str | None:
+    """The body of the vault's 401, for the service's code and message."""
+    response = error.response
+    try:
+        return response.text() if response is not None else None
+    except (ValueError, TypeError, AttributeError):
+        return None
