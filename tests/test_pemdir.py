@@ -858,3 +858,166 @@ async def test_concurrent_installs_let_every_reader_through_the_shared_parents(
     assert "user:www-data:--x" in acl and "user:nobody:--x" in acl
     assert "user:nobody" not in getfacl(parent / "app0")
     assert mode(parent) & 0o067 == 0
+
+
+# ------------------------------------------------------------------------- the installed() cache
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """What another process does to a version file: write a new one and rename it over."""
+    temp = path.with_name(path.name + ".new")
+    temp.write_bytes(data)
+    temp.chmod(0o600)
+    os.replace(temp, path)
+
+
+@pytest.mark.anyio
+async def test_installed_follows_a_link_moved_behind_its_back(
+    tmp_path: Path, ca: TestAuthority
+) -> None:
+    store = PemDirectoryStore()
+    cert = observed(tmp_path, symlink_name="web-current")
+    first, second = ca.issue(["a.example"]), ca.issue(["b.example"])
+    await store.install(cert, first, V1)
+    assert (await store.installed(cert)).version == V1  # type: ignore[union-attr]
+    # Another process (another store object) installs the next version.
+    await PemDirectoryStore().install(cert, second, V2)
+    now = await store.installed(cert)
+    assert now is not None and (now.version, now.thumbprint) == (V2, second.thumbprint)
+    # Someone points the link back by hand: the answer follows it.
+    link = tmp_path / "myvault.web"
+    (tmp_path / "back").symlink_to(f"myvault.web.{V1}")
+    os.replace(tmp_path / "back", link)
+    assert await store.installed(cert) is None  # the custom link still names V2
+    (tmp_path / "back").symlink_to(f"myvault.web.{V1}")
+    os.replace(tmp_path / "back", tmp_path / "web-current")
+    now = await store.installed(cert)
+    assert now is not None and (now.version, now.thumbprint) == (V1, first.thumbprint)
+    link.unlink()
+    assert await store.installed(cert) is None
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("layout", ["kvlinux", "split"])
+async def test_installed_sees_a_version_file_replaced_or_damaged(
+    tmp_path: Path, ca: TestAuthority, layout: str
+) -> None:
+    store = PemDirectoryStore(layout=layout)  # type: ignore[arg-type]
+    cert = observed(tmp_path)
+    await store.install(cert, ca.issue(["a.example"]), V1)
+    assert await store.installed(cert) is not None
+    other = ca.issue(["other.example"])
+    entry = tmp_path / f"myvault.web.{V1}"
+    target = entry / "cert.pem" if layout == "split" else entry
+    replace_file(target, other.cert_pem() if layout == "split" else other.to_pem_bundle())
+    now = await store.installed(cert)
+    assert now is not None and now.thumbprint == other.thumbprint
+    with target.open("r+b") as handle:  # damaged in place: same inode, same name
+        handle.truncate(100)
+    assert await store.installed(cert) is None
+
+
+@pytest.mark.anyio
+async def test_installed_refuses_a_directory_opened_to_others_after_it_answered(
+    tmp_path: Path, material: CertificateMaterial
+) -> None:
+    store = PemDirectoryStore()
+    cert = observed(tmp_path / "s")
+    await store.install(cert, material, V1)
+    assert await store.installed(cert) is not None
+    (tmp_path / "s").chmod(0o777)
+    with pytest.raises(StoreError, match="writable by group or others"):
+        await store.installed(cert)
+
+
+# ------------------------------------------------------------------------- pruning, per certificate
+
+
+@pytest.mark.anyio
+async def test_pruning_touches_only_the_certificates_own_files(
+    tmp_path: Path, ca: TestAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listings: list[object] = []
+    real_scandir, real_listdir = os.scandir, os.listdir
+
+    def counting_scandir(path: object) -> object:
+        listings.append(path)
+        return real_scandir(path)  # type: ignore[call-overload]
+
+    def counting_listdir(path: object) -> object:
+        listings.append(path)
+        return real_listdir(path)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(os, "scandir", counting_scandir)
+    monkeypatch.setattr(os, "listdir", counting_listdir)
+    # Another certificate's versions (more than keep_versions), unrelated files, a link by hand.
+    others = [tmp_path / f"myvault.other.{v}" for v in (V1, V2, V3)]
+    for path in others:
+        path.write_bytes(b"another certificate")
+    (tmp_path / "myvault.other").symlink_to(others[0].name)
+    unrelated = [tmp_path / "notes.txt", tmp_path / f"myvault.web.{V1}.bak"]
+    for path in unrelated:
+        path.write_bytes(b"mine")
+    (tmp_path / "pinned").symlink_to(f"myvault.web.{V1}")  # a reader's own link to V1
+    store = PemDirectoryStore(keep_versions=2)
+    cert = observed(tmp_path)
+    versions = [f"{i:032x}" for i in range(1, 13)]
+    for version in versions:
+        await store.install(cert, ca.issue(["p.example"]), version)
+    assert len(listings) == 2  # once to sweep leftovers, once to index: not per install
+    names = {p.name for p in tmp_path.iterdir()}
+    web = {n for n in names if n.startswith("myvault.web.") and not n.endswith(".bak")}
+    # The two newest, and V1 which a link still points at.
+    assert web == {f"myvault.web.{v}" for v in (versions[0], versions[-2], versions[-1])}
+    assert all(p.read_bytes() == b"another certificate" for p in others)
+    assert all(p.read_bytes() == b"mine" for p in unrelated)
+    assert os.readlink(tmp_path / "myvault.other") == others[0].name
+    # Once the reader's link is gone, V1 goes with the next install.
+    (tmp_path / "pinned").unlink()
+    await store.install(cert, ca.issue(["p.example"]), f"{13:032x}")
+    assert not (tmp_path / f"myvault.web.{V1}").exists()
+
+
+@pytest.mark.anyio
+async def test_versions_another_process_wrote_are_pruned_too(
+    tmp_path: Path, ca: TestAuthority
+) -> None:
+    cert = observed(tmp_path)
+    await PemDirectoryStore().install(cert, ca.issue(["o.example"]), V1)
+    await PemDirectoryStore().install(cert, ca.issue(["o.example"]), V2)
+    store = PemDirectoryStore()  # a new process: knows nothing of V1
+    await store.install(cert, ca.issue(["o.example"]), V3)
+    await store.install(cert, ca.issue(["o.example"]), V4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "myvault.web",
+        f"myvault.web.{V3}",
+        f"myvault.web.{V4}",
+    ]
+
+
+@pytest.mark.anyio
+async def test_leftovers_are_swept_again_by_a_long_running_store(
+    tmp_path: Path, ca: TestAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvcertsync.stores import pemdir
+
+    store = PemDirectoryStore()
+    cert = observed(tmp_path)
+    await store.install(cert, ca.issue(["l.example"]), V1)
+    # Left since by another process that died mid-install, long enough ago to be dead.
+    old = time.time() - 3600
+    stale = tmp_path / f".kvcertsync-tmp-myvault.other.{V1}.0a1b2c3d"
+    stale.write_bytes(b"a private key")
+    trash = tmp_path / f".kvcertsync-trash-myvault.other.{V2}.0a1b2c3d"
+    trash.mkdir()
+    (trash / "privkey.pem").write_bytes(b"a private key")
+    fresh = tmp_path / f".kvcertsync-tmp-myvault.third.{V1}.0a1b2c3d"
+    fresh.write_bytes(b"in flight")  # recent: perhaps another process writing it now
+    for path in (stale, trash):
+        os.utime(path, (old, old))
+    await store.install(cert, ca.issue(["l.example"]), V2)
+    assert stale.exists() and trash.exists()  # not every install lists the directory
+    monkeypatch.setattr(pemdir, "_RESCAN_SECONDS", 0.0)
+    await store.install(cert, ca.issue(["l.example"]), V3)
+    assert not stale.exists() and not trash.exists()
+    assert fresh.exists()

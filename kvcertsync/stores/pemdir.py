@@ -58,6 +58,10 @@ Layout = Literal["kvlinux", "split"]
 _T = TypeVar("_T")
 # A leaf certificate's thumbprint and expiry: all an InstalledCertificate needs of it.
 _LeafFacts = tuple[str, datetime]
+# What identifies a file's content (dev, inode, size, mtime, ctime, link count) and a checked
+# directory (dev, inode, owner, mode) for the installed() cache.
+_FileId = tuple[int, int, int, int, int, int]
+_DirectoryId = tuple[int, int, int, int]
 _FACTS_LIMIT = 100_000
 _VERSION = re.compile(r"[0-9a-f]{32}")
 _TEMP_PREFIX = ".kvcertsync-tmp-"
@@ -65,6 +69,9 @@ _TEMP_PREFIX = ".kvcertsync-tmp-"
 _TRASH_PREFIX = ".kvcertsync-trash-"
 # A temporary entry older than this belongs to a process that died mid-write.
 _STALE_TEMP_SECONDS = 600.0
+# How often a store lists a directory again: to learn versions others wrote there, and to
+# sweep what a process that died after this one started left behind.
+_RESCAN_SECONDS = _STALE_TEMP_SECONDS
 #: Set on every directory kvcertsync creates: the directories a later run may open to readers.
 _CREATED_XATTR = "user.kvcertsync.created"
 # mkdir and marking are one step for the threads of this process, and the mark is read under
@@ -96,6 +103,29 @@ class _Reader(NamedTuple):
     entry: str  # the ACL qualifier as setfacl takes it: "u:www-data", "g:ssl-cert", "g:33"
     uid: int | None  # None: a group (any member of it)
     gids: frozenset[int]
+
+
+class _Cached(NamedTuple):
+    """An ``installed()`` answer, and the state of the files that made it true."""
+
+    directory: str  # the store directory, as a path
+    directory_id: _DirectoryId  # dev, inode, owner, mode it had when checked
+    links: tuple[str, ...]  # the certificate's links, as paths
+    target: str  # what every one of them said
+    facts_path: str  # the file the leaf was read from, reached through the first link
+    facts_id: _FileId  # its dev, inode, size, mtime, ctime, links
+    record: InstalledCertificate
+
+
+class _Index:
+    """What a listing of a store directory found, kept current by this store's own changes."""
+
+    __slots__ = ("pins", "scanned", "versions")
+
+    def __init__(self, scanned: float) -> None:
+        self.scanned = scanned  # time.monotonic() of the listing
+        self.versions: dict[str, set[str]] = {}  # "<vault>.<name>" -> its version entries
+        self.pins: dict[str, set[str]] = {}  # an entry -> the symlinks that pointed at it
 
 
 class _Ancestor(NamedTuple):
@@ -165,6 +195,13 @@ class PemDirectoryStore:
         self._facts: dict[tuple[int, int], tuple[tuple[int, int, int], _LeafFacts]] = {}
         # (directory, reader) pairs already warned about: once per store, not once per install.
         self._warned: set[tuple[str, str]] = set()
+        # installed() answers, each checked against the files before use (see _cached).
+        self._answers: dict[ObservedCertificate, _Cached] = {}
+        # Each store directory's versions, by (st_dev, st_ino), so that an install prunes its
+        # own certificate's files without listing the directory (see _index).
+        self._indexes: dict[tuple[int, int], _Index] = {}
+        self._index_lock = threading.Lock()
+        self._discarding: set[str] = set()  # trash entries this store is deleting now
 
     @classmethod
     def from_settings(cls, settings: AgentSettings, **options: object) -> PemDirectoryStore:
@@ -194,6 +231,18 @@ class PemDirectoryStore:
 
     async def installed(self, observed: ObservedCertificate) -> InstalledCertificate | None:
         """What the link of ``observed`` points at now, or None."""
+        # A remembered answer still true, or no link at all, costs a system call or a few:
+        # not worth a thread hop.
+        answer = self._cached(observed)
+        if answer is not None:
+            return answer
+        link = self.directory_for(observed) / self.base_name(observed)
+        try:
+            os.lstat(link)
+        except FileNotFoundError:
+            return None  # what a full lookup finds too: no link (or no directory), nothing
+        except OSError:
+            pass  # the full lookup says what is wrong
         return await anyio.to_thread.run_sync(self._installed, observed)
 
     async def read(
@@ -281,11 +330,58 @@ class PemDirectoryStore:
     # ------------------------------------------------------------------ reading
 
     def _installed(self, observed: ObservedCertificate) -> InstalledCertificate | None:
+        self._answers.pop(observed, None)
         found = self._lookup(observed, self._leaf_facts)
         if found is None:
             return None
-        version, leaf, link = found
-        return self._record(observed, version, leaf, link)
+        version, (leaf, facts_file, file_id, directory_id), link = found
+        record = self._record(observed, version, leaf, link)
+        self._remember(observed, record, facts_file, file_id, directory_id)
+        return record
+
+    def _cached(self, observed: ObservedCertificate) -> InstalledCertificate | None:
+        """The remembered answer for ``observed`` if the files still say it, else None.
+
+        Each check resolves the path afresh: the directory is the one that was checked (same
+        inode, owner and mode), every link still names the same entry, and the file the leaf
+        was read from through the first link is the same, unchanged (inode, size, mtime, ctime
+        and link count: a file renamed over it, rewritten, hard-linked or chmod-ed differs).
+        """
+        cached = self._answers.get(observed)
+        if cached is None:
+            return None
+        try:
+            if _directory_id(os.stat(cached.directory)) != cached.directory_id:
+                return None
+            for link in cached.links:
+                if os.readlink(link) != cached.target:
+                    return None
+            if _file_id(os.stat(cached.facts_path)) != cached.facts_id:
+                return None
+        except OSError:
+            return None
+        return cached.record
+
+    def _remember(
+        self,
+        observed: ObservedCertificate,
+        record: InstalledCertificate,
+        facts_file: str,
+        file_id: _FileId,
+        directory_id: _DirectoryId,
+    ) -> None:
+        """Remember ``record`` with the identities that prove it (see _cached)."""
+        directory, base = os.path.split(record.location)
+        paths = tuple(os.path.join(directory, name) for name in self._links(observed, base))
+        self._answers[observed] = _Cached(
+            directory,
+            directory_id,
+            paths,
+            f"{base}.{record.version}",
+            os.path.join(paths[0], facts_file) if facts_file else paths[0],
+            file_id,
+            record,
+        )
 
     def _read(
         self, observed: ObservedCertificate
@@ -350,16 +446,29 @@ class PemDirectoryStore:
             raise StoreError(f"{base} points at {target!r}, which kvcertsync did not write")
         return version
 
-    def _leaf_facts(self, entry: str, fd: int) -> _LeafFacts:
+    def _leaf_facts(self, entry: str, fd: int) -> tuple[_LeafFacts, str, _FileId, _DirectoryId]:
+        """The leaf's facts, the file they came from (in the entry), its and fd's identity."""
         info = self._lstat(entry, fd)
         if info is None:
             raise FileNotFoundError(errno.ENOENT, "missing", entry)
+        directory_id = _directory_id(os.fstat(fd))
         if stat.S_ISDIR(info.st_mode):
             with _open_dir(entry, fd, lookup=True) as sub:
-                return self._facts_of("cert.pem", sub)
-        return self._facts_of(entry, fd)
+                facts, file_info = self._facts_of("cert.pem", sub)
+                return facts, "cert.pem", _file_id(file_info), directory_id
+        facts, file_info = self._facts_of(entry, fd)
+        return facts, "", _file_id(file_info), directory_id
 
-    def _facts_of(self, name: str, dir_fd: int) -> _LeafFacts:
+    def _identify(self, entry: str, fd: int) -> tuple[str, _FileId, _DirectoryId]:
+        """The file of ``entry`` the leaf is read from, its identity and the directory's."""
+        if self.layout == "split":
+            with _open_dir(entry, fd, lookup=True) as sub:
+                info = os.stat("cert.pem", dir_fd=sub, follow_symlinks=False)
+            return "cert.pem", _file_id(info), _directory_id(os.fstat(fd))
+        info = os.stat(entry, dir_fd=fd, follow_symlinks=False)
+        return "", _file_id(info), _directory_id(os.fstat(fd))
+
+    def _facts_of(self, name: str, dir_fd: int) -> tuple[_LeafFacts, os.stat_result]:
         """The leaf's thumbprint and expiry, parsed once per file.
 
         Version files are never changed in place (each is written whole, then renamed), so
@@ -373,13 +482,13 @@ class PemDirectoryStore:
         signature = (info.st_size, info.st_mtime_ns, info.st_ctime_ns)
         cached = self._facts.get(key)
         if cached is not None and cached[0] == signature:
-            return cached[1]
+            return cached[1], info
         leaf = x509.load_pem_x509_certificate(self._read_regular(name, dir_fd))
         facts = (certificate_thumbprint(leaf), leaf.not_valid_after_utc)
         if len(self._facts) >= _FACTS_LIMIT:
             self._facts.clear()  # superseded versions' entries pile up otherwise
         self._facts[key] = (signature, facts)
-        return facts
+        return facts, info
 
     def _read_material(self, entry: str, fd: int) -> CertificateMaterial:
         info = self._lstat(entry, fd)
@@ -435,13 +544,19 @@ class PemDirectoryStore:
         entry = f"{base}.{version}"
         contents = self._contents(material)
         ancestors: list[_Ancestor] = []
+        self._answers.pop(observed, None)
         try:
-            fd = self._open_store_dir(directory, create=True, ancestors=ancestors)
+            # Only readers need the directories on the way: without any, none are collected.
+            shared = bool(acls) or self.gid is not None or bool(self.file_mode & 0o040)
+            fd = self._open_store_dir(
+                directory, create=True, ancestors=ancestors if shared else None
+            )
         except BaseException:
             _close_all(ancestors)
             raise
         try:
             _sweep_once(fd, directory)
+            index = self._index(fd, directory)
             previous = [self._check_link_is_ours(link, base, fd, directory) for link in links]
             existing = self._lstat(entry, fd)
             if existing is not None and not self._same_content(entry, existing, contents, fd):
@@ -456,7 +571,14 @@ class PemDirectoryStore:
                 existing = None
             if existing is None:
                 self._write_entry(entry, contents, acls, fd)
-                _fsync_dir(fd)  # the version is durable before any link names it
+                with self._index_lock:
+                    index.versions.setdefault(base, set()).add(entry)
+                if any(target is not None for target in previous):
+                    # The version is durable before a link that named an older one names it.
+                    # A first version has no older one to keep readable: the fsync below
+                    # makes both durable at once (a power cut between leaves a dangling
+                    # link, which reads as "not installed" and is installed again).
+                    _fsync_dir(fd)
             else:
                 self._reshare(entry, contents, acls, fd)  # readers added since it was written
             for link in links:
@@ -474,6 +596,8 @@ class PemDirectoryStore:
         # install (that would hide the update from every hook): it is reported alongside.
         facts = (material.thumbprint, material.not_after)
         record = self._record(observed, version, facts, directory / base)
+        with contextlib.suppress(OSError):
+            self._remember(observed, record, *self._identify(entry, fd))
         logger.info(
             "installed %s version %s into %s",
             observed.uri,
@@ -485,7 +609,7 @@ class PemDirectoryStore:
         steps: list[tuple[str, Callable[[], None]]] = [
             (
                 "removing superseded versions",
-                lambda: self._prune(base, entry, {p for p in previous if p is not None}, links, fd),
+                lambda: self._prune(base, entry, {p for p in previous if p is not None}, index, fd),
             ),
             (
                 "granting the directory to its readers",
@@ -856,50 +980,86 @@ class PemDirectoryStore:
             self._remove(temp, fd)
             raise
 
-    def _prune(
-        self, base: str, current: str, previous: set[str], links: Sequence[str], fd: int
-    ) -> None:
+    def _prune(self, base: str, current: str, previous: set[str], index: _Index, fd: int) -> None:
         """Keep the current version, the one it replaced, then the newest up to
-        ``keep_versions``; never one a link points at. Also sweep leftovers of crashes."""
-        prefix = f"{base}."
-        temps = tuple(f"{_TEMP_PREFIX}{name}." for name in links)
-        linked = {current}
+        ``keep_versions``; never one a link points at.
+
+        Only this certificate's own entries are looked at: those the index knows (listed at
+        the last scan, or written since), plus what its links named.
+        """
+        with self._index_lock:
+            known = index.versions.setdefault(base, set())
+            names = (known | previous) - {current}
+        keep = [current, *sorted(previous - {current})]
+        if len(names) < self.keep_versions:
+            return  # nothing beyond what is kept: no need to look at the files
         versions: list[tuple[int, str]] = []
-        now = time.time()
-        for name in os.listdir(fd):
+        for name in names:
             info = self._lstat(name, fd)
-            if info is None or info.st_uid != os.geteuid():
+            if info is None or stat.S_ISLNK(info.st_mode):
+                with self._index_lock:
+                    known.discard(name)
                 continue
-            if name.startswith(_TRASH_PREFIX) and name[len(_TRASH_PREFIX) :].startswith(prefix):
-                self._remove(name, fd)  # left by a crash in the middle of a delete
-                continue
-            if name.startswith(temps):
-                if info.st_mtime < _STARTED or now - info.st_mtime > _STALE_TEMP_SECONDS:
-                    self._remove(name, fd)
-                continue
-            if stat.S_ISLNK(info.st_mode):
-                with contextlib.suppress(OSError):
-                    linked.add(os.readlink(name, dir_fd=fd))
-                continue
-            if name.startswith(prefix) and _VERSION.fullmatch(name[len(prefix) :]):
+            if info.st_uid == os.geteuid():
                 versions.append((info.st_mtime_ns, name))
         versions.sort(reverse=True)
-        keep = [current, *sorted(previous - {current})]
         for _, name in versions:
             if len(keep) >= self.keep_versions:
                 break
             if name not in keep:
                 keep.append(name)
+        kept = keep[: self.keep_versions]
         for _, name in versions:
-            if name not in keep[: max(self.keep_versions, 1)] and name not in linked:
-                self._discard(name, fd)
-                logger.debug("removed superseded %s", name)
+            if name in kept or self._pinned(name, index, fd):
+                continue
+            self._discard(name, fd)
+            with self._index_lock:
+                known.discard(name)
+            logger.debug("removed superseded %s", name)
+
+    def _pinned(self, name: str, index: _Index, fd: int) -> bool:
+        """Whether a symlink other than the certificate's own still points at ``name``."""
+        with self._index_lock:
+            links = sorted(index.pins.get(name, ()))
+        pinned = False
+        for link in links:
+            try:
+                still = os.readlink(link, dir_fd=fd) == name
+            except OSError:
+                still = False
+            if still:
+                pinned = True
+            else:
+                with self._index_lock:
+                    index.pins.get(name, set()).discard(link)
+        return pinned
+
+    def _index(self, fd: int, directory: Path) -> _Index:
+        """The index of the store directory ``fd``: listed on first use and every
+        _RESCAN_SECONDS, sweeping on the way what processes that died mid-install left."""
+        info = os.fstat(fd)
+        key = (info.st_dev, info.st_ino)
+        with self._index_lock:
+            index = self._indexes.get(key)
+            if index is not None and time.monotonic() - index.scanned < _RESCAN_SECONDS:
+                return index
+            # Listed under the lock: an entry written meanwhile is in the listing or added after.
+            index = _scan(fd, directory, self._discarding)
+            self._indexes[key] = index
+            return index
 
     def _discard(self, name: str, fd: int) -> None:
         """Delete a version so that a crash midway leaves nothing half-visible."""
         trash = f"{_TRASH_PREFIX}{name}.{secrets.token_hex(4)}"
-        os.rename(name, trash, src_dir_fd=fd, dst_dir_fd=fd)
-        self._remove(trash, fd)
+        # A trash entry keeps the version's old mtime: a scan must know it is in flight.
+        with self._index_lock:
+            self._discarding.add(trash)
+        try:
+            os.rename(name, trash, src_dir_fd=fd, dst_dir_fd=fd)
+            self._remove(trash, fd)
+        finally:
+            with self._index_lock:
+                self._discarding.discard(trash)
 
     @staticmethod
     def _remove(name: str, fd: int) -> None:
@@ -935,6 +1095,54 @@ def _sweep_once(fd: int, directory: Path) -> None:
                 logger.info("removed %s, left by a process stopped mid-install", directory / name)
     except OSError as exc:
         logger.warning("could not sweep %s of leftovers: %s", directory, exc.strerror or exc)
+
+
+def _scan(fd: int, directory: Path, in_flight: set[str]) -> _Index:
+    """List the store directory ``fd``: its version entries, the symlinks pointing at them, and
+    the temp and trash entries of ours old enough to be a dead process's, which it removes
+    (except those in ``in_flight``, being deleted by this process now)."""
+    index = _Index(time.monotonic())
+    now = time.time()
+    with os.scandir(fd) as entries:
+        for item in entries:
+            name = item.name
+            if name.startswith((_TEMP_PREFIX, _TRASH_PREFIX)):
+                if name not in in_flight:
+                    _remove_leftover(name, fd, directory, now)
+            elif item.is_symlink():
+                with contextlib.suppress(OSError):
+                    index.pins.setdefault(os.readlink(name, dir_fd=fd), set()).add(name)
+            elif len(name) > 33 and name[-33] == "." and _VERSION.fullmatch(name[-32:]):
+                index.versions.setdefault(name[:-33], set()).add(name)
+    return index
+
+
+def _remove_leftover(name: str, fd: int, directory: Path, now: float) -> None:
+    """Remove a temp or trash entry of ours older than this process or _STALE_TEMP_SECONDS."""
+    try:
+        info = PemDirectoryStore._lstat(name, fd)
+        if info is None or info.st_uid != os.geteuid():
+            return
+        if info.st_mtime < _STARTED or now - info.st_mtime > _STALE_TEMP_SECONDS:
+            PemDirectoryStore._remove(name, fd)
+            logger.info("removed %s, left by a process stopped mid-install", directory / name)
+    except OSError as exc:
+        logger.warning("could not remove %s: %s", directory / name, exc.strerror or exc)
+
+
+def _directory_id(info: os.stat_result) -> _DirectoryId:
+    return (info.st_dev, info.st_ino, info.st_uid, info.st_mode)
+
+
+def _file_id(info: os.stat_result) -> _FileId:
+    return (
+        info.st_dev,
+        info.st_ino,
+        info.st_size,
+        info.st_mtime_ns,
+        info.st_ctime_ns,
+        info.st_nlink,
+    )
 
 
 def _trusted(parent: os.stat_result, entry: os.stat_result) -> bool:
