@@ -12,12 +12,13 @@ import hashlib
 import itertools
 import logging
 import re
+import threading
 import warnings
+import weakref
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Literal, TypeAlias, TypeVar
 
-import attrs
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -81,20 +82,122 @@ _PfxFailure = Literal["password", "truncated", "corrupt"]
 _E = TypeVar("_E", bound=x509.ExtensionType)
 
 
-@attrs.frozen(repr=False)
+class _SharedCertificate:
+    """One parsed chain certificate, shared by every material whose chain holds the same DER."""
+
+    __slots__ = ("__weakref__", "certificate")
+
+    def __init__(self, certificate: x509.Certificate) -> None:
+        self.certificate = certificate
+
+
+# Every leaf of one issuer carries the same intermediate; one parsed copy serves them all, and it
+# goes away with the last material that holds it. (x509.Certificate itself takes no weak refs.)
+_SHARED: weakref.WeakValueDictionary[bytes, _SharedCertificate] = weakref.WeakValueDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared(certificate: x509.Certificate) -> _SharedCertificate:
+    """The process-wide holder of ``certificate``, keyed by the SHA-256 of its DER."""
+    digest = hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).digest()
+    with _SHARED_LOCK:
+        holder = _SHARED.get(digest)
+        if holder is None:
+            holder = _SHARED[digest] = _SharedCertificate(certificate)
+        return holder
+
+
+def _key_der(key: PrivateKey) -> bytes | PrivateKey:
+    """The key as PKCS#8 DER, or the object itself when it refuses to be exported."""
+    try:
+        return key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    except Exception:  # a non-exportable key (HSM-like) stays an object
+        return key
+
+
 class CertificateMaterial:
-    """A private key with its leaf certificate and the leaf's issuer chain (leaf excluded)."""
+    """A private key with its leaf certificate and the leaf's issuer chain (leaf excluded).
 
-    private_key: PrivateKey = attrs.field(repr=False, eq=False)
-    certificate: x509.Certificate
-    chain: tuple[x509.Certificate, ...] = ()
+    Kept compact: the key and the leaf as DER bytes, parsed again on each access, and the chain
+    as parsed certificates shared with every other material that holds the same ones.
+    """
 
-    def __attrs_post_init__(self) -> None:
-        key: object = self.private_key  # direct construction bypasses the parsers' checks
+    __slots__ = ("__weakref__", "_chain", "_key", "_leaf")
+
+    _key: bytes | PrivateKey
+    _leaf: bytes
+    _chain: tuple[_SharedCertificate, ...]
+
+    def __init__(
+        self,
+        private_key: PrivateKey,
+        certificate: x509.Certificate,
+        chain: Iterable[x509.Certificate] = (),
+    ) -> None:
+        key: object = private_key  # direct construction bypasses the parsers' checks
         if not isinstance(key, _SUPPORTED_KEYS):
             raise MaterialError(_unsupported_key_message(key)) from None
-        if _spki(self.certificate) != _key_spki(self.private_key):
+        if _spki(certificate) != _key_spki(private_key):
             raise MaterialError("the private key does not belong to the certificate") from None
+        object.__setattr__(self, "_key", _key_der(private_key))
+        object.__setattr__(self, "_leaf", certificate.public_bytes(serialization.Encoding.DER))
+        object.__setattr__(self, "_chain", tuple(_shared(cert) for cert in chain))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"CertificateMaterial is immutable (cannot set {name!r})")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"CertificateMaterial is immutable (cannot delete {name!r})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CertificateMaterial):
+            return NotImplemented
+        # As before: the certificates decide, the key object's identity does not.
+        return self._leaf == other._leaf and self._chain_ders() == other._chain_ders()
+
+    def __hash__(self) -> int:
+        return hash((self._leaf, self._chain_ders()))
+
+    def __copy__(self) -> CertificateMaterial:
+        return self  # immutable
+
+    def __deepcopy__(self, memo: dict[int, object]) -> CertificateMaterial:
+        return self
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Never pickled with its key: a pickle would be a private key written somewhere.
+        raise TypeError("CertificateMaterial cannot be pickled (it holds a private key)")
+
+    @property
+    def private_key(self) -> PrivateKey:
+        """The private key, parsed from its DER on each access."""
+        if not isinstance(self._key, bytes):
+            return self._key
+        # These bytes are our own export of a key already checked on the way in.
+        key = serialization.load_der_private_key(
+            self._key, password=None, unsafe_skip_rsa_key_validation=True
+        )
+        assert isinstance(key, _SUPPORTED_KEYS)
+        return key
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        """The leaf certificate, parsed from its DER on each access."""
+        return x509.load_der_x509_certificate(self._leaf)
+
+    @property
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        """The issuer chain, issuer of the leaf first; its objects are shared between materials."""
+        return tuple(holder.certificate for holder in self._chain)
+
+    def _chain_ders(self) -> tuple[bytes, ...]:
+        return tuple(
+            holder.certificate.public_bytes(serialization.Encoding.DER) for holder in self._chain
+        )
 
     # ------------------------------------------------------------------ constructors
 
@@ -202,12 +305,12 @@ class CertificateMaterial:
     @property
     def thumbprint(self) -> str:
         """SHA-1 of the leaf's DER, upper-case hex without separators, as Windows shows it."""
-        return certificate_thumbprint(self.certificate)
+        return _der_thumbprint(self._leaf)
 
     @property
     def sha256(self) -> str:
         """SHA-256 of the leaf's DER, upper-case hex without separators."""
-        return hashlib.sha256(self._leaf_der()).hexdigest().upper()
+        return hashlib.sha256(self._leaf).hexdigest().upper()
 
     @property
     def not_before(self) -> datetime:
@@ -303,9 +406,6 @@ class CertificateMaterial:
 
     # ------------------------------------------------------------------ helpers
 
-    def _leaf_der(self) -> bytes:
-        return self.certificate.public_bytes(serialization.Encoding.DER)
-
     def __repr__(self) -> str:
         name = self.common_name
         who = f"CN={name}" if name is not None else (self.subject or "<empty subject>")
@@ -318,7 +418,10 @@ class CertificateMaterial:
 
 def certificate_thumbprint(certificate: x509.Certificate) -> str:
     """SHA-1 of a certificate's DER, upper-case hex without separators, as Windows shows it."""
-    der = certificate.public_bytes(serialization.Encoding.DER)
+    return _der_thumbprint(certificate.public_bytes(serialization.Encoding.DER))
+
+
+def _der_thumbprint(der: bytes) -> str:
     # SHA-1 here is an identifier that crypt32 and the Windows UI use, not a security check.
     return hashlib.sha1(der, usedforsecurity=False).hexdigest().upper()
 

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import gc
+import hashlib
+import pickle
 import re
 from collections.abc import Iterator
+from copy import copy as shallow_copy
+from copy import deepcopy
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from kvcertsync.errors import MaterialError
 from kvcertsync.material import CertificateMaterial
@@ -599,3 +604,65 @@ def test_error_messages_name_no_secret_across_inputs(
         exc = material_error(value)
         text = value if isinstance(value, str) else value.decode()
         assert_reveals_nothing(exc, "".join(text.split()), key_body)
+
+
+# --------------------------------------------------------------------------- compact storage
+
+
+def test_identical_chain_certificates_are_one_shared_object(
+    rsa_chain: ChainFiles, other_rsa_chain: ChainFiles
+) -> None:
+    first = CertificateMaterial.from_secret(rsa_chain.pfx_base64())
+    second = CertificateMaterial.from_secret(other_rsa_chain.pem_secret(shuffle=2), PEM)
+    assert first.thumbprint != second.thumbprint  # two leaves of one CA
+    assert len(first.chain) == len(second.chain) >= 1
+    for mine, theirs in zip(first.chain, second.chain, strict=True):
+        assert mine is theirs
+    assert first.chain[0] == load_cert(rsa_chain.chain_pems[0])
+
+
+def test_a_shared_chain_certificate_goes_with_its_last_holder() -> None:
+    from kvcertsync.emulator import TestAuthority
+    from kvcertsync.material import _SHARED
+
+    authority = TestAuthority("released")
+    material = CertificateMaterial.from_secret(authority.issue().to_pem_bundle())
+    der = material.chain[0].public_bytes(serialization.Encoding.DER)
+    digest = hashlib.sha256(der).digest()
+    assert _SHARED[digest].certificate is material.chain[0]
+    del material  # the only holder: the authority keeps its own, unshared copy
+    gc.collect()
+    assert digest not in _SHARED
+
+
+def test_parsing_on_demand_gives_identical_results(rsa_chain: ChainFiles) -> None:
+    material = CertificateMaterial.from_secret(rsa_chain.pfx_base64())
+    key = serialization.load_pem_private_key(rsa_chain.key_pem, None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    for _ in range(2):  # every access parses again: the same answers each time
+        parsed = material.private_key
+        assert isinstance(parsed, rsa.RSAPrivateKey)
+        assert parsed.private_numbers() == key.private_numbers()
+        assert material.certificate == load_cert(rsa_chain.leaf_pem)
+        assert material.chain == expected_chain(rsa_chain)
+    assert material.key_pem() == material.key_pem()
+    assert material.thumbprint == fingerprint_sha1(rsa_chain.leaf_pem)
+    assert material.not_after == load_cert(rsa_chain.leaf_pem).not_valid_after_utc
+    signing = material.private_key
+    assert isinstance(signing, rsa.RSAPrivateKey)
+    signature = signing.sign(b"x", padding.PKCS1v15(), hashes.SHA256())
+    public = material.certificate.public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    public.verify(signature, b"x", padding.PKCS1v15(), hashes.SHA256())
+
+
+def test_material_is_immutable_and_never_pickled(rsa_chain: ChainFiles) -> None:
+    material = CertificateMaterial.from_secret(rsa_chain.pfx_base64())
+    with pytest.raises(AttributeError, match="immutable"):
+        material._key = b""
+    with pytest.raises(AttributeError, match="immutable"):
+        del material._leaf
+    with pytest.raises(TypeError, match="cannot be pickled") as caught:
+        pickle.dumps(material)
+    assert pem_body(material.key_pem())[:40] not in str(caught.value)
+    assert shallow_copy(material) is material and deepcopy(material) is material

@@ -1,4 +1,8 @@
-"""MemoryStore: an in-process store that keeps every installed version, for tests and embedding."""
+"""MemoryStore: an in-process store for tests and embedding.
+
+It keeps the record of every installed version (history) but the material of the current one
+only: a store watching 100,000 certificates should not also hold every renewal's key.
+"""
 
 from __future__ import annotations
 
@@ -17,13 +21,34 @@ if TYPE_CHECKING:
 __all__ = ["MemoryStore"]
 
 
+class _Slot:
+    """What the store holds for one URL: every record, oldest first, and the current material."""
+
+    __slots__ = ("material", "records")
+
+    def __init__(self, record: InstalledCertificate, material: CertificateMaterial) -> None:
+        self.records = [record]
+        self.material = material
+
+    def push(self, record: InstalledCertificate, material: CertificateMaterial) -> None:
+        self.records.append(record)
+        self.material = material
+
+
 class MemoryStore:
-    """Certificates kept in memory, every version in order; safe to inspect from any thread."""
+    """Certificates kept in memory (every record, the current material); thread-safe to inspect."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._history: dict[SecretUri, list[tuple[InstalledCertificate, CertificateMaterial]]] = {}
+        self._history: dict[SecretUri, _Slot] = {}
         self.installs = 0
+
+    def _put(self, record: InstalledCertificate, material: CertificateMaterial) -> None:
+        slot = self._history.get(record.uri.latest)
+        if slot is None:
+            self._history[record.uri.latest] = _Slot(record, material)
+        else:
+            slot.push(record, material)
 
     def __repr__(self) -> str:
         return f"MemoryStore({len(self._history)} certificates)"
@@ -41,10 +66,10 @@ class MemoryStore:
             location=f"memory:{key}",
         )
         with self._lock:
-            history = self._history.setdefault(key, [])
-            if history and history[-1][0] == record:
+            slot = self._history.get(key)
+            if slot is not None and slot.records[-1] == record:
                 return record
-            history.append((record, material))
+            self._put(record, material)
             self.installs += 1
         await anyio.lowlevel.checkpoint()
         return record
@@ -60,27 +85,28 @@ class MemoryStore:
         """The current record and material of ``observed``, or None."""
         await anyio.lowlevel.checkpoint()
         with self._lock:
-            history = self._history.get(observed.uri.latest)
-            return history[-1] if history else None
+            slot = self._history.get(observed.uri.latest)
+            return (slot.records[-1], slot.material) if slot is not None else None
 
     def current(self, uri: SecretUri) -> InstalledCertificate | None:
         """The latest installed record for ``uri`` (synchronous, for inspection)."""
         with self._lock:
-            history = self._history.get(uri.latest)
-            return history[-1][0] if history else None
+            slot = self._history.get(uri.latest)
+            return slot.records[-1] if slot is not None else None
 
     def material(self, uri: SecretUri) -> CertificateMaterial | None:
         """The latest installed material for ``uri``."""
         with self._lock:
-            history = self._history.get(uri.latest)
-            return history[-1][1] if history else None
+            slot = self._history.get(uri.latest)
+            return slot.material if slot is not None else None
 
     def history(self, uri: SecretUri) -> list[InstalledCertificate]:
         """Every record installed for ``uri``, oldest first."""
         with self._lock:
-            return [record for record, _ in self._history.get(uri.latest, [])]
+            slot = self._history.get(uri.latest)
+            return list(slot.records) if slot is not None else []
 
     def preload(self, record: InstalledCertificate, material: CertificateMaterial) -> None:
         """Seed the store as if ``record`` had been installed earlier (a restart in tests)."""
         with self._lock:
-            self._history.setdefault(record.uri.latest, []).append((record, material))
+            self._put(record, material)
