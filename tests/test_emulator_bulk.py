@@ -18,6 +18,7 @@ from kvcertsync.sources.redirect import RedirectResolver
 from tests.helpers.emulator import (  # noqa: F401 (fixtures)
     anyio_backend_fixture,
     isolated_identity_fixture,
+    session_fixture,
 )
 
 pytestmark = pytest.mark.anyio
@@ -28,15 +29,6 @@ async def kv(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[LocalKeyVault]:
     async with LocalKeyVault(max_grants=20, max_connections=4) as emulator:
         monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", emulator.imds_authority)
         yield emulator
-
-
-@pytest.fixture
-async def session(kv: LocalKeyVault) -> AsyncIterator[aiohttp.ClientSession]:
-    connector = aiohttp.TCPConnector(
-        resolver=RedirectResolver(kv.redirect), ssl=kv.client_ssl_context()
-    )
-    async with aiohttp.ClientSession(connector=connector) as client_session:
-        yield client_session
 
 
 async def admin(

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 
+import aiohttp
 import pytest
 from azure.keyvault.secrets._shared import http_challenge_cache
 
 from kvcertsync.emulator import LocalKeyVault
+from kvcertsync.sources.redirect import RedirectResolver
 
 
 @pytest.fixture(name="anyio_backend")
@@ -38,3 +40,13 @@ async def vault_fixture(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[LocalK
     async with LocalKeyVault() as emulator:
         monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", emulator.imds_authority)
         yield emulator
+
+
+@pytest.fixture(name="session")
+async def session_fixture(kv: LocalKeyVault) -> AsyncIterator[aiohttp.ClientSession]:
+    """An aiohttp session that reaches the emulator's vault names and trusts its CA."""
+    connector = aiohttp.TCPConnector(
+        resolver=RedirectResolver(kv.redirect), ssl=kv.client_ssl_context()
+    )
+    async with aiohttp.ClientSession(connector=connector) as client_session:
+        yield client_session
