@@ -211,3 +211,33 @@ def spread(values: list[float], fmt: str = "{:.0f}") -> str:
 def verdict(met: bool) -> str:
     """How a target line ends."""
     return "met" if met else "NOT met"
+
+
+def file_system_ceiling(directory: Path, count: int, size: int = 2400) -> float:
+    """Atomic PEM writes per second that this file system allows: the ceiling of a PEM store.
+
+    What any careful writer of ``count`` certificates does, serially and with nothing else: a
+    0600 temp file of ``size`` bytes written and fsynced, renamed to its versioned name, a
+    symlink to it, the directory fsynced. ``directory`` must be new; it is left in place,
+    because deleting thousands of files just before a measurement makes ext4 slower at creating
+    the next ones for minutes (it skips recently deleted inodes), so callers delete at the end.
+    """
+    directory.mkdir(mode=0o700)
+    data = os.urandom(size // 2).hex().encode()
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        started = time.perf_counter()
+        for i in range(count):
+            fd = os.open(f"c{i}.tmp", flags, 0o600, dir_fd=dir_fd)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(f"c{i}.tmp", f"c{i}.1.pem", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.symlink(f"c{i}.1.pem", f"c{i}.pem", dir_fd=dir_fd)
+            os.fsync(dir_fd)
+        return count / (time.perf_counter() - started)
+    finally:
+        os.close(dir_fd)

@@ -6,7 +6,11 @@ Run: .venv/bin/python benchmarks/bench_pemdir.py [--certs 2000] [--passes 3] [--
    version of a certificate, with the store's normal fsyncs and (to show the file-system work
    alone) with fsync made a no-op in this process.
 2. Initial sync of ``--certs`` certificates through CertSync, from the emulator running in another
-   process, into a fresh PemDirectoryStore and into a MemoryStore: certificates/s and ratio.
+   process, into a fresh PemDirectoryStore and into a MemoryStore: certificates/s and ratio;
+   beside them the file system's own ceiling (``_common.file_system_ceiling``: the same number of
+   atomic writes, links and fsyncs with nothing else). Nothing is deleted until the end: ext4
+   creates files slowly for minutes after thousands were deleted, which would measure the last
+   pass's cleanup instead of the store.
 3. Unchanged polls (``sync_once`` again, nothing changed) with each store, against the source
    alone (KeyVaultSource.get for every URL: the ceiling of both), GET/s and client CPU per poll.
 
@@ -31,7 +35,7 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import cpu_seconds, timed
+from _common import cpu_seconds, file_system_ceiling, timed
 from _common import spread as common_spread
 from reliability_common import Emulator, secret_url
 
@@ -54,7 +58,11 @@ def spread(values: Sequence[float]) -> str:
 
 @contextmanager
 def scratch() -> Iterator[Path]:
-    """A fresh 0700 directory on the same file system as the default temp directory."""
+    """A fresh 0700 directory for the whole run, on the default temp directory's file system.
+
+    Removed only at the end: see ``file_system_ceiling`` for why nothing is deleted before a
+    measurement.
+    """
     base = Path(tempfile.mkdtemp(prefix="bench-pemdir-"))
     try:
         yield base
@@ -103,7 +111,7 @@ async def fill(
     await gather(len(certs), lambda i: store.install(certs[i], pool[i % len(pool)], f"{1:032x}"))
 
 
-async def install_cost(populations: Sequence[int], passes: int, rotations: int) -> None:
+async def install_cost(run: Path, populations: Sequence[int], passes: int, rotations: int) -> None:
     """Milliseconds per install of a new version, by how many certificates share the directory."""
     authority = TestAuthority()
     pool: list[CertificateMaterial] = [authority.issue([f"h{i}.example"]) for i in range(4)]
@@ -114,25 +122,24 @@ async def install_cost(populations: Sequence[int], passes: int, rotations: int) 
     )
     for population in populations:
         row: dict[bool, list[float]] = {False: [], True: []}
-        with scratch() as base:
-            store = PemDirectoryStore(base / "store")
-            certs = [ObservedCertificate.of(secret_url(i)) for i in range(population)]
-            await fill(store, certs, pool)
-            os.sync()  # the fill's writeback out of the way of what is measured
-            serial = 2
-            for _ in range(passes):
-                for disabled in (False, True):
-                    with fsync_disabled(disabled):
-                        started = time.perf_counter()
-                        for k in range(rotations):
-                            serial += 1
-                            material = pool[serial % 4]
-                            await store.install(certs[k % population], material, f"{serial:032x}")
-                        row[disabled].append((time.perf_counter() - started) / rotations * 1e3)
-            serial += 1
-            # Counted in this thread (a profile hook sees only its own thread): the same work.
-            one = functools.partial(store._install, certs[0], pool[serial % 4], f"{serial:032x}")
-            calls = os_calls(one)
+        store = PemDirectoryStore(run / f"population{population}")
+        certs = [ObservedCertificate.of(secret_url(i)) for i in range(population)]
+        await fill(store, certs, pool)
+        os.sync()  # the fill's writeback out of the way of what is measured
+        serial = 2
+        for _ in range(passes):
+            for disabled in (False, True):
+                with fsync_disabled(disabled):
+                    started = time.perf_counter()
+                    for k in range(rotations):
+                        serial += 1
+                        material = pool[serial % 4]
+                        await store.install(certs[k % population], material, f"{serial:032x}")
+                    row[disabled].append((time.perf_counter() - started) / rotations * 1e3)
+        serial += 1
+        # Counted in this thread (a profile hook sees only its own thread): the same work.
+        one = functools.partial(store._install, certs[0], pool[serial % 4], f"{serial:032x}")
+        calls = os_calls(one)
         print(f"  {population:20d}   {spread(row[False])}        {spread(row[True])}   {calls:6d}")
 
 
@@ -153,21 +160,23 @@ def new_sync(urls: Sequence[str], store: Store, source: KeyVaultSource) -> CertS
     return CertSync(urls, store=store, source=source, max_concurrency=CONCURRENCY, rate_limit=1e9)
 
 
-async def syncs_and_polls(certs: int, passes: int) -> None:
-    """Initial sync and unchanged polls with each store, the source alone as the ceiling."""
+async def syncs_and_polls(run: Path, certs: int, passes: int) -> None:
+    """Initial sync and unchanged polls with each store, beside the source and file system alone."""
     urls = [secret_url(i) for i in range(certs)]
     uris = [SecretUri.parse(url) for url in urls]
     initial: dict[str, list[float]] = {"pem": [], "memory": []}
     initial_cpu: dict[str, list[float]] = {"pem": [], "memory": []}
+    ceiling: list[float] = []
     polls: dict[str, list[float]] = {"pem": [], "memory": [], "source": []}
     cpu: dict[str, list[float]] = {"pem": [], "memory": [], "source": []}
-    with Emulator(certs, rotate_every=0) as emulator, scratch() as base:
+    with Emulator(certs, rotate_every=0) as emulator:
         source = source_for(emulator)
         async with source:
             await source.get(uris[0])  # the challenge and the token out of the way
             for n in range(passes):
+                ceiling.append(file_system_ceiling(run / f"bare{n}", certs))
                 stores: dict[str, Store] = {
-                    "pem": PemDirectoryStore(base / f"pass{n}"),
+                    "pem": PemDirectoryStore(run / f"pass{n}"),
                     "memory": MemoryStore(),
                 }
                 for name, store in stores.items():
@@ -186,7 +195,6 @@ async def syncs_and_polls(certs: int, passes: int) -> None:
                 await gather(certs, lambda i: source.get(uris[i]))
                 polls["source"].append(certs / (time.perf_counter() - started))
                 cpu["source"].append((cpu_seconds() - cpu0) / certs * 1e6)
-                shutil.rmtree(base / f"pass{n}")
     print(
         f"initial sync of {certs} certificates from the emulator (another process), certs/s"
         "   (client CPU per certificate, ms)"
@@ -197,8 +205,11 @@ async def syncs_and_polls(certs: int, passes: int) -> None:
     )
     memory = f"{spread(initial['memory'])}   ({spread(initial_cpu['memory'])})"
     print(f"  MemoryStore              {memory}")
+    print(f"  bare file system         {spread(ceiling)}   (the ceiling: atomic writes, serial)")
     ratios = [p / m for p, m in zip(initial["pem"], initial["memory"], strict=True)]
     print(f"  ratio pem/memory         {spread(ratios)}   (per pass)")
+    ratios = [p / c for p, c in zip(initial["pem"], ceiling, strict=True)]
+    print(f"  ratio pem/bare           {spread(ratios)}   (per pass)")
     print(f"unchanged polls of {certs} certificates, GET/s   (client CPU per poll, us)")
     labels = {
         "source": "source alone (ceiling)",
@@ -214,8 +225,9 @@ async def syncs_and_polls(certs: int, passes: int) -> None:
 async def main(certs: int, passes: int, populations: Sequence[int], rotations: int) -> None:
     """Every figure, in order."""
     print(f"bench_pemdir: {os.cpu_count()} CPUs, temp dir {tempfile.gettempdir()}")
-    await install_cost(populations, passes, rotations)
-    await syncs_and_polls(certs, passes)
+    with scratch() as run:
+        await install_cost(run, populations, passes, rotations)
+        await syncs_and_polls(run, certs, passes)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,13 @@ class RetryPolicy:
 
 
 class VaultLimiter:
-    """A token bucket per vault that pauses on throttling, halves its rate, then recovers."""
+    """A token bucket per vault that pauses on throttling, halves its rate, then recovers.
+
+    At each throttling episode the rate halves and falls to at most one request per pause,
+    down to ``min_rate`` (default one request a minute); after the pause it doubles back
+    every ``recovery`` seconds (default 30): a fleet sharing a vault settles near its share
+    of the vault's limit, however many agents it has.
+    """
 
     def __init__(
         self,
@@ -76,8 +82,8 @@ class VaultLimiter:
         rate: float,
         burst: float,
         *,
-        min_rate: float = 0.5,
-        recovery: float = 60.0,
+        min_rate: float = 1 / 60,
+        recovery: float = 30.0,
         jitter: Callable[[float], float] | None = None,
     ) -> None:
         self._clock = clock
@@ -96,7 +102,7 @@ class VaultLimiter:
 
     @property
     def rate(self) -> float:
-        """The current rate: reduced after throttling, climbing back linearly over ``recovery``."""
+        """The current rate: reduced after throttling, doubling back every ``recovery`` s."""
         return self._rate_at(self._clock.now())
 
     def _rate_at(self, now: float) -> float:
@@ -105,8 +111,12 @@ class VaultLimiter:
         elapsed = now - max(self._throttled_at, self._paused_until)
         if elapsed <= 0:
             return self._throttled_rate
-        share = min(1.0, elapsed / self.recovery) if self.recovery > 0 else 1.0
-        return self._throttled_rate + (self.configured_rate - self._throttled_rate) * share
+        if self.recovery <= 0:
+            return self.configured_rate
+        # Multiplicative, as the decrease is: agents of a large fleet each hold a small rate,
+        # and a linear climb to the configured one would throw them all back at the vault.
+        doublings = min(elapsed / self.recovery, 64.0)
+        return min(self.configured_rate, self._throttled_rate * math.pow(2.0, doublings))
 
     @property
     def paused_until(self) -> float:
@@ -157,7 +167,9 @@ class VaultLimiter:
         pause = self._jitter(max(pause, 0.0))
         self._streak += 1
         self.throttles += 1
-        self._throttled_rate = max(self.min_rate, self._rate_at(now) / 2)
+        # At most one request per pause, then doubling: after a pause, every certificate that
+        # waited out the pause would otherwise go at once, and at once be throttled again.
+        self._throttled_rate = max(self.min_rate, min(self._rate_at(now) / 2, 1 / max(pause, 1.0)))
         self._throttled_at = now
         self._paused_until = now + max(pause, 0.0)
         self._tokens = 0.0

@@ -149,7 +149,8 @@ async def test_throttled_vault_does_not_slow_another(material: CertificateMateri
         assert {str(e.uri) for e in updated} == {str(SecretUri.parse(u)) for u in fast}
         assert sync.limiter("vault0a.vault.azure.net").paused_until >= 30
         assert sync.limiter("other.vault.azure.net").paused_until < 0
-        await drive(clock, lambda: len(updated) == 20, limit=120)
+        # Then one request per pause, the rate doubling back: the ten follow within minutes.
+        await drive(clock, lambda: len(updated) == 20, limit=600)
         assert clock.now() >= 30
 
 
@@ -218,15 +219,29 @@ async def test_throttle_ladder_pauses_halves_and_recovers() -> None:
     assert limiter.delay() >= 3.5
 
 
-async def test_rate_recovers_linearly_after_throttling() -> None:
+async def test_rate_falls_to_one_request_per_pause_then_doubles_back() -> None:
     clock = FakeClock()
     limiter = VaultLimiter(clock, rate=100, burst=10, recovery=60)
     limiter.throttled(2)
-    assert limiter.rate == 50
-    await clock.advance(2 + 30)
-    assert limiter.rate == pytest.approx(75)
-    await clock.advance(30)
+    # Not half of 100: the certificates that waited out the pause would all go at once.
+    assert limiter.rate == 0.5
+    await clock.advance(2 + 60)
+    assert limiter.rate == pytest.approx(1.0)
+    await clock.advance(60)
+    assert limiter.rate == pytest.approx(2.0)
+    await clock.advance(60 * 6)
     assert limiter.rate == 100
+
+
+async def test_a_fleet_halves_down_to_one_request_a_minute() -> None:
+    clock = FakeClock()
+    limiter = VaultLimiter(clock, rate=100, burst=10)
+    rates = []
+    for _ in range(8):
+        await clock.advance(limiter.throttled(1))
+        rates.append(limiter.rate)
+    assert rates[:3] == [1.0, 0.5, 0.25]
+    assert rates[-1] == pytest.approx(1 / 60)
 
 
 # ------------------------------------------------------------------------- change detection
