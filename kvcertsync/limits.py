@@ -71,9 +71,11 @@ class VaultLimiter:
     """A token bucket per vault that pauses on throttling, halves its rate, then recovers.
 
     At each throttling episode the rate halves and falls to at most one request per pause,
-    down to ``min_rate`` (default one request a minute); after the pause it doubles back
-    every ``recovery`` seconds (default 30): a fleet sharing a vault settles near its share
-    of the vault's limit, however many agents it has.
+    down to ``min_rate`` (default one request a minute). When the pause ends one request goes
+    at once; the rate doubles with each request served and every ``recovery`` seconds
+    (default 30). A fleet sharing a vault settles near its share of the vault's limit, however
+    many agents it has, and an agent whose vault has room again is back to full speed in a
+    few requests.
     """
 
     def __init__(
@@ -172,9 +174,23 @@ class VaultLimiter:
         self._throttled_rate = max(self.min_rate, min(self._rate_at(now) / 2, 1 / max(pause, 1.0)))
         self._throttled_at = now
         self._paused_until = now + max(pause, 0.0)
-        self._tokens = 0.0
+        # One request as soon as the pause ends: it finds out whether the vault has room
+        # again, rather than waiting a whole token's time at the reduced rate first.
+        self._tokens = 1.0
         return pause
 
     def succeeded(self) -> None:
-        """Record a request the vault served: the throttle ladder starts over."""
+        """Record a request the vault served: the ladder starts over, a reduced rate doubles."""
         self._streak = 0
+        if self._throttled_at == -math.inf:
+            return  # never throttled: the common case, kept cheap
+        now = self._clock.now()
+        if now < self._paused_until:
+            return  # sent before the pause began: it says nothing about the vault now
+        self._refill()
+        rate = self._rate_at(now)
+        if rate * 2.0 >= self.configured_rate:
+            self._throttled_at = -math.inf  # back to the configured rate
+            return
+        self._throttled_rate = rate * 2.0
+        self._throttled_at = now

@@ -233,6 +233,34 @@ async def test_rate_falls_to_one_request_per_pause_then_doubles_back() -> None:
     assert limiter.rate == 100
 
 
+async def test_after_a_pause_one_request_goes_at_once_and_each_served_doubles_the_rate() -> None:
+    clock = FakeClock()
+    limiter = VaultLimiter(clock, rate=100, burst=10)
+    pause = limiter.throttled(10)
+    assert limiter.rate == pytest.approx(0.1)
+    assert limiter.delay() == pytest.approx(pause)
+    await clock.advance(pause)
+    # The probe: no waiting a whole token's time (10 s at 0.1/s) before it.
+    assert limiter.delay() == 0 and limiter.try_take()
+    assert limiter.delay() == pytest.approx(10.0)
+    limiter.succeeded()
+    assert limiter.rate == pytest.approx(0.2)
+    rates = []
+    for _ in range(9):
+        limiter.succeeded()
+        rates.append(limiter.rate)
+    assert rates[:3] == pytest.approx([0.4, 0.8, 1.6])
+    assert rates[-1] == 100  # back to the configured rate, not beyond
+
+
+async def test_a_request_sent_before_the_pause_does_not_raise_the_rate() -> None:
+    clock = FakeClock()
+    limiter = VaultLimiter(clock, rate=100, burst=10)
+    limiter.throttled(10)
+    limiter.succeeded()  # answered while paused: in flight when the vault began throttling
+    assert limiter.rate == pytest.approx(0.1)
+
+
 async def test_a_fleet_halves_down_to_one_request_a_minute() -> None:
     clock = FakeClock()
     limiter = VaultLimiter(clock, rate=100, burst=10)
