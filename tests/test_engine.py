@@ -33,7 +33,7 @@ from kvcertsync.events import (
 from kvcertsync.limits import RetryPolicy, VaultLimiter
 from kvcertsync.material import CertificateMaterial
 from kvcertsync.settings import ObservedCertificate
-from kvcertsync.sources import MemorySource
+from kvcertsync.sources import MemorySource, SecretVersion
 from kvcertsync.stores import InstalledCertificate, MemoryStore
 from kvcertsync.uri import SecretUri
 
@@ -99,6 +99,29 @@ async def test_concurrency_cap_is_never_exceeded(material: CertificateMaterial) 
     report = await sync.sync_once()
     assert len(report.updated) == 60
     assert source.max_in_flight == 4
+
+
+async def test_polls_run_on_at_most_max_concurrency_long_lived_tasks(
+    material: CertificateMaterial,
+) -> None:
+    class TaskRecordingSource(MemorySource):
+        tasks: set[int] = set()
+
+        async def get(self, uri: SecretUri) -> SecretVersion:
+            self.tasks.add(anyio.get_current_task().id)
+            return await super().get(uri)
+
+    source = TaskRecordingSource(latency=0.001)
+    for url in urls(60, vaults=3):
+        source.set(url, material)
+    sync = CertSync(
+        urls(60, vaults=3), store=MemoryStore(), source=source, max_concurrency=4, rate_limit=10_000
+    )
+    for _ in range(3):
+        report = await sync.sync_once()
+        assert report.ok and len(report.results) == 60
+    # Not a task per poll (180 of them): each pass's four runners take poll after poll.
+    assert len(source.tasks) <= 3 * 4
 
 
 async def test_per_vault_rate_is_never_exceeded(material: CertificateMaterial) -> None:
