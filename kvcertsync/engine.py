@@ -181,14 +181,15 @@ class _Entry:
     warned: tuple[str, float] | None = None
     waiters_next: list[_Waiter] = attrs.Factory(list)
     waiters_now: list[_Waiter] = attrs.Factory(list)
+    #: The vault's host, asked on every poll: worked out once.
+    vault: str = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.vault = self.observed.uri.hostname
 
     @property
     def uri(self) -> SecretUri:
         return self.observed.uri
-
-    @property
-    def vault(self) -> str:
-        return self.observed.uri.hostname
 
     def release(self, waiters: list[_Waiter], error: BaseException) -> None:
         """Answer ``waiters`` with a failure: the poll they wait for will not happen."""

@@ -150,7 +150,8 @@ class SecretUri:
     @property
     def latest(self) -> SecretUri:
         """The same secret without a version."""
-        return attrs.evolve(self, version=None)
+        # Immutable, so a versionless URI is its own latest: this is asked on every poll.
+        return self if self.version is None else attrs.evolve(self, version=None)
 
     def __str__(self) -> str:
         base = f"https://{self.host.lower()}/secrets/{self.name}"
