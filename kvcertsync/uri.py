@@ -32,7 +32,8 @@ def _lower(value: str | None) -> str | None:
     return value.lower() if value is not None else None
 
 
-@attrs.frozen(repr=False)
+# The hash is cached: every poll hashes its URL a few times (queues, store, stats).
+@attrs.frozen(repr=False, cache_hash=True)
 class SecretUri:
     """A validated Key Vault secret URL; compares case-insensitively, ``str()`` is canonical."""
 
