@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime, timedelta
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
@@ -774,20 +775,22 @@ class CertSync(Announcer):
     async def _poll_now(self, entries: list[_Entry]) -> SyncReport:
         if not entries:
             return SyncReport(())
-        results: dict[int, PollResult] = {}
+        results: list[PollResult | None] = [None] * len(entries)
+        remaining = len(entries)
         done = anyio.Event()
         registered: list[tuple[_Entry, _Waiter]] = []
 
-        def waiter(index: int) -> _Waiter:
-            def notify(result: PollResult) -> None:
-                results[index] = result
-                if len(results) == len(entries):
-                    done.set()
-
-            return notify
+        def deliver(index: int, result: PollResult) -> None:
+            nonlocal remaining
+            if results[index] is None:
+                remaining -= 1
+            results[index] = result
+            if not remaining:
+                done.set()
 
         for index, entry in enumerate(entries):
-            notify = waiter(index)
+            # A partial, not a closure per entry: a pass over thousands makes one each.
+            notify: _Waiter = partial(deliver, index)
             registered.append((entry, notify))
             entry.waiters_next.append(notify)
             if entry.state is _State.SCHEDULED and not entry.removed:
