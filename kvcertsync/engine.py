@@ -278,6 +278,7 @@ class CertSync(Announcer):
         rate_limit: float = 100.0,
         rate_burst: float | None = None,
         jitter: float = 0.1,
+        start_splay: float = 0.0,
         retry: RetryPolicy | None = None,
         require_initial_sync: bool = True,
         initial_sync_attempts: int | None = None,
@@ -297,6 +298,10 @@ class CertSync(Announcer):
             (not burst >= 1, "rate_burst must be at least 1"),
             (not 0 <= jitter <= 1, "jitter must be between 0 and 1"),
             (
+                not (start_splay >= 0 and math.isfinite(start_splay)),
+                "start_splay must be a finite number of seconds, zero or more",
+            ),
+            (
                 initial_sync_attempts is not None and initial_sync_attempts < 1,
                 "initial_sync_attempts must be at least 1",
             ),
@@ -312,6 +317,7 @@ class CertSync(Announcer):
         self.rate_limit = float(rate_limit)
         self.rate_burst = burst
         self.jitter = jitter
+        self.start_splay = float(start_splay)
         self.retry = retry or RetryPolicy()
         self.require_initial_sync = require_initial_sync
         self.initial_sync_attempts = initial_sync_attempts
@@ -588,8 +594,12 @@ class CertSync(Announcer):
                     if background:
                         await self._learn_installed()
                         now = self.clock.now()
+                        splay = self.start_splay
                         for entry in self._entries.values():
-                            self._schedule(entry, now)
+                            # A fleet started together reaches its vault spread out, not at once.
+                            self._schedule(
+                                entry, now + self._rng.uniform(0.0, splay) if splay else now
+                            )
                         tg.start_soon(self._scheduler)
                     yield
                 finally:
@@ -801,12 +811,13 @@ class CertSync(Announcer):
         try:
             await done.wait()
         finally:
-            # A caller that gave up (cancelled) must not leave its waiters behind.
-            for entry, notify in registered:
-                for waiters in (entry.waiters_next, entry.waiters_now):
-                    if notify in waiters:
-                        waiters.remove(notify)
-        return SyncReport(tuple(results[i] for i in range(len(entries))))
+            if remaining:
+                # A caller that gave up (cancelled) must not leave its waiters behind.
+                for entry, waiter in registered:
+                    for waiters in (entry.waiters_next, entry.waiters_now):
+                        if waiter in waiters:
+                            waiters.remove(waiter)
+        return SyncReport(tuple(r for r in results if r is not None))
 
     # ----------------------------------------------------------------- one poll
 

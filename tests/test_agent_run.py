@@ -222,6 +222,30 @@ async def test_once_exits_0_when_all_current_and_1_with_a_reason_otherwise(
     assert not any(WEB in line for line in reasons)
 
 
+async def test_start_splay_spreads_the_first_requests_of_a_once_pass(
+    kv: LocalKeyVault, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    names = [f"s{i}" for i in range(6)]
+    for name in names:
+        kv.import_certificate("demo", name, kv.authority.issue([f"{name}.example"]))
+    certs = tmp_path / "certs"
+    settings = write_settings(tmp_path / "s.json", settings_document(kv, names, certs))
+    agent = start_agent(agents, kv, tmp_path, str(settings), "--once", "--start-splay", "3")
+    assert (await agent.wait_exit(30))[0] == 0, agent.log_text()
+    assert all((certs / f"demo.{name}").exists() for name in names)
+    # The first answer per certificate: the pass polls again each interval until it is done.
+    first: dict[str, float] = {}
+    for r in kv.requests:
+        name = r.path.split("/")[2]
+        if r.status == 200 and name in names:
+            first.setdefault(name, r.time)
+    assert sorted(first) == names
+    times = list(first.values())
+    # All at once they would land within milliseconds; six uniform draws over 3 s span less
+    # than 0.3 s with a chance of about 1 in 18,000.
+    assert max(times) - min(times) > 0.3, times
+
+
 async def test_settings_from_stdin(
     kv: LocalKeyVault, tmp_path: Path, agents: list[AgentProcess]
 ) -> None:
@@ -699,6 +723,8 @@ async def test_a_stop_during_a_reload_stuck_on_a_fifo_is_clean(
     ("args", "message"),
     [
         (["--initial-attempts", "0"], "--initial-attempts must be at least 1"),
+        (["--start-splay", "-1"], "--start-splay must be 0 or more seconds, not -1.0"),
+        (["--start-splay", "nan"], "--start-splay must be 0 or more seconds, not nan"),
         (["--redirect", "bogus"], "expected PATTERN=HOST:PORT"),
         (["--ca-file", "/nonexistent/ca.pem"], "--ca-file /nonexistent/ca.pem: no such file"),
         (["--log-file", "/nonexistent/dir/k.log"], "cannot log to /nonexistent/dir/k.log"),

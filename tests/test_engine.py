@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import anyio
 import pytest
@@ -412,28 +414,66 @@ async def test_polls_stay_on_their_interval_grid(material: CertificateMaterial) 
     assert calls[-1] - calls[1] == pytest.approx(100 * (len(calls) - 2), abs=1.01)
 
 
-async def test_jitter_spreads_the_phases(material: CertificateMaterial) -> None:
-    clock = FakeClock()
+def recorded_sync(
+    material: CertificateMaterial, clock: FakeClock, count: int, **options: Any
+) -> tuple[CertSync, list[float]]:
+    """A CertSync of ``count`` URLs whose source records the fake time of every read."""
     source = MemorySource()
-    targets = urls(50)
+    targets = urls(count)
     for url in targets:
         source.set(url, material)
-    sync = CertSync(
-        targets,
-        store=MemoryStore(),
-        source=source,
-        clock=clock,
-        polling_interval=1000,
-        jitter=0.2,
-        rate_limit=10_000,
-    )
     seconds: list[float] = []
+    source.observe(lambda uri: seconds.append(clock.now()))
+    options.setdefault("rate_limit", 10_000)
+    sync = CertSync(targets, store=MemoryStore(), source=source, clock=clock, **options)
+    return sync, seconds
+
+
+async def test_jitter_spreads_the_phases(material: CertificateMaterial) -> None:
+    clock = FakeClock()
+    sync, seconds = recorded_sync(material, clock, 50, polling_interval=1000, jitter=0.2)
     async with sync:
         await sync.wait_ready()
-        source.observe(lambda uri: seconds.append(clock.now()))
-        await drive(clock, lambda: len(seconds) >= 50, step=1, limit=1300)
-    assert min(seconds) >= 1000 and max(seconds) <= 1201
-    assert len({int(s // 20) for s in seconds}) >= 5  # not one burst
+        await drive(clock, lambda: len(seconds) >= 100, step=1, limit=1300)
+    later = seconds[50:]  # the first 50 are the initial polls, all at once
+    assert max(seconds[:50]) == 0
+    assert min(later) >= 1000 and max(later) <= 1201
+    assert len({int(s // 20) for s in later}) >= 5  # not one burst
+
+
+async def test_start_splay_spreads_the_first_polls_and_ready_waits_for_them(
+    material: CertificateMaterial,
+) -> None:
+    clock = FakeClock()
+    sync, seconds = recorded_sync(material, clock, 50, start_splay=100)
+    async with sync:
+        await drive(clock, lambda: len(seconds) >= 50, step=1, limit=200)
+        await sync.wait_ready()
+    assert min(seconds) >= 0 and max(seconds) <= 101
+    assert max(seconds) > 50  # ready only once the last, late one is in place
+    assert len({int(s // 10) for s in seconds}) >= 7  # spread over the splay, not one burst
+
+
+async def test_without_a_splay_every_first_poll_goes_at_once_and_sync_once_never_waits(
+    material: CertificateMaterial,
+) -> None:
+    clock = FakeClock()
+    sync, seconds = recorded_sync(material, clock, 20)
+    async with sync:
+        await drive(clock, lambda: len(seconds) >= 20)
+        await sync.wait_ready()
+    assert max(seconds) == 0
+    # The splay is for a background run's start: a pass asked for now runs now.
+    splayed, seconds = recorded_sync(material, clock, 20, start_splay=3600)
+    with anyio.fail_after(10):  # nobody advances the fake clock: a splayed pass would hang
+        report = await splayed.sync_once()
+    assert len(report.updated) == 20 and len(seconds) == 20
+
+
+@pytest.mark.parametrize("splay", [-1.0, math.inf, math.nan])
+def test_start_splay_must_be_finite_and_not_negative(splay: float) -> None:
+    with pytest.raises(ValueError, match="start_splay"):
+        CertSync(urls(1), store=MemoryStore(), source=MemorySource(), start_splay=splay)
 
 
 async def test_non_retryable_errors_wait_for_the_interval(material: CertificateMaterial) -> None:

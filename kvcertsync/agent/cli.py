@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import ssl
 import sys
@@ -121,6 +122,14 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="attempts per certificate before the initial sync reports error (default "
         f"{DEFAULT_INITIAL_ATTEMPTS}, as the extension; {ONCE_INITIAL_ATTEMPTS} with --once)",
+    )
+    parser.add_argument(
+        "--start-splay",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="spread the first polls at random over S seconds, so a fleet that starts together "
+        "does not reach its vault together (default 0: all at once)",
     )
     parser.add_argument(
         "--handler-environment",
@@ -261,6 +270,8 @@ def agent_options(
         raise KvCertSyncError("give a settings file or --handler-environment, not both")
     if args.initial_attempts is not None and args.initial_attempts < 1:
         raise KvCertSyncError("--initial-attempts must be at least 1")
+    if not (args.start_splay >= 0 and math.isfinite(args.start_splay)):
+        raise KvCertSyncError(f"--start-splay must be 0 or more seconds, not {args.start_splay}")
     handler = HandlerEnvironment.load(handler_path) if handler_path is not None else None
     ca_file = args.ca_file or env.get(CA_FILE_ENV) or None
     if ca_file is not None:
@@ -289,6 +300,7 @@ def agent_options(
         handler=handler,
         stop_timeout=args.stop_timeout,
         progress=args.progress,
+        start_splay=args.start_splay,
     )
 
 

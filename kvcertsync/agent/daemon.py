@@ -83,6 +83,8 @@ class AgentOptions:
     once: bool = False
     #: Initial attempts per certificate; None: 25, or 3 with ``once``.
     initial_attempts: int | None = None
+    #: Spread the first polls at random over this many seconds (a fleet started together).
+    start_splay: float = 0.0
     ca_file: str | None = None
     redirect: Mapping[str, str] = attrs.field(factory=dict)
     handler: HandlerEnvironment | None = None
@@ -245,6 +247,7 @@ class Agent:
             ca_file=options.ca_file,
             redirect=options.redirect or None,
             initial_sync_attempts=attempts,
+            start_splay=options.start_splay,
             # A pass for cron must give every certificate its attempts, whatever the setting.
             require_initial_sync=True if options.once else settings.require_initial_sync,
         )
