@@ -5,15 +5,19 @@ Run: .venv/bin/python benchmarks/bench_fleet.py [--limit 200 --window 10] [--qui
 Each agent is a CertSync with its own KeyVaultSource (its own ImdsCredential) and MemoryStore,
 observing the same 10 certificates of one vault. 20 agents run as 20 processes (one agent each);
 200 agents as 20 processes of 10 agents each. All start together; the vault (a ``kvcertsync
-emulator`` process) answers 429 beyond ``--limit`` GETs per ``--window`` seconds.
+emulator`` process) answers 429 beyond ``--limit`` GETs per ``--window`` seconds. Each fleet runs
+twice: every agent's first polls at once (the default), then spread over a ``start_splay``
+sized to the fleet (``--splay-margin`` times the requests it needs over the vault's rate: what
+``kvcertsync run --start-splay`` is for).
 
 The limit: Key Vault allows 4,000 secret GETs per 10 s per vault. A real fleet sharing a vault is
 thousands of agents; this machine runs 200. Scaling the limit by the same factor as the fleet
 (200 agents for 4,000: 1/20) gives 200 GETs per 10 s, the default: 200 agents need their 2,000
 GETs over about ten windows, as 4,000 agents of 10 certificates would at the real limit.
 
-401 challenges are attributed to processes by the client's TCP port: each agent process samples
-its own sockets (/proc/self/fd, /proc/self/net/tcp) and the emulator logs each request's peer port.
+401 challenges are attributed to processes by the client's TCP port and the time: each agent
+process samples its own sockets' ports (when each was first and last seen) and the emulator logs
+each request's peer port and time; a port one process closed may be another's later.
 Prints the figures and the targets of issue 16; asserts nothing.
 """
 
@@ -81,7 +85,7 @@ async def run_agent(info: dict[str, Any]) -> int:
         redirect={"*.vault.azure.net": f"127.0.0.1:{info['port']}"},
         owns_credentials=True,
     )
-    sync = CertSync(uris, store=store, source=source)
+    sync = CertSync(uris, store=store, source=source, start_splay=info["splay"])
     try:
         async with sync:
             await sync.wait_ready()
@@ -96,12 +100,16 @@ async def agents(info: dict[str, Any], count: int) -> None:
     logging.getLogger("kvcertsync").setLevel(logging.ERROR)
     print("ready", flush=True)
     await anyio.to_thread.run_sync(sys.stdin.readline)
-    ports: set[int] = set()
+    # When each port was first and last seen here: a port closed here may be reused by another
+    # process later (idle connections close during a long splay), so the time tells them apart.
+    ports: dict[int, list[float]] = {}
     done = anyio.Event()
 
     async def sample() -> None:
         while not done.is_set():
-            ports.update(own_ports())
+            now = time.time()
+            for port in own_ports():
+                ports.setdefault(port, [now, now])[1] = now
             with anyio.move_on_after(0.02):
                 await done.wait()
 
@@ -117,20 +125,28 @@ async def agents(info: dict[str, Any], count: int) -> None:
                 fleet.start_soon(one)
         finished = time.time()
         done.set()
-    result = {"installed": installed, "finished": finished, "ports": sorted(ports)}
+    result = {"installed": installed, "finished": finished, "ports": ports}
     print(json.dumps(result), flush=True)
 
 
-def scenario(emulator: EmulatorProcess, agent_count: int, args: argparse.Namespace) -> None:
+def sized_splay(requests: int, args: argparse.Namespace) -> float:
+    """A start splay for ``requests`` (GETs and challenges): the vault's rate, with a margin."""
+    return args.splay_margin * requests * args.window / args.limit
+
+
+def scenario(
+    emulator: EmulatorProcess, agent_count: int, args: argparse.Namespace, *, splayed: bool
+) -> None:
     """Run ``agent_count`` agents in processes against a fresh throttled vault; print."""
-    vault = f"fleet{agent_count}"
+    vault = f"fleet{agent_count}{'-splay' if splayed else ''}"
     emulator.load_certificates([(vault, f"f{i}") for i in range(CERTIFICATES)])
     emulator.admin("DELETE", "faults")
     throttle = {"vault": vault, "limit": args.limit, "window": args.window}
     emulator.admin("POST", "faults", {"throttle": throttle})
     processes = min(args.processes, agent_count)
     per_process = agent_count // processes
-    info = {**emulator.info(), "vault": vault}
+    splay = sized_splay(agent_count * CERTIFICATES + processes, args) if splayed else 0.0
+    info = {**emulator.info(), "vault": vault, "splay": splay}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, str(_SCRIPT), "--child", json.dumps(info)]
     children = [
@@ -162,7 +178,16 @@ def scenario(emulator: EmulatorProcess, agent_count: int, args: argparse.Namespa
         results.append(json.loads(out.strip().splitlines()[-1]))
     elapsed = max(r["finished"] for r in results) - started
     emulator_share = (process_cpu_seconds(emulator.pid) - cpu) / elapsed
-    report(emulator, vault, agent_count, processes, results, elapsed, emulator_share, args)
+    report(emulator, vault, agent_count, processes, results, elapsed, emulator_share, splay, args)
+
+
+def owner(results: list[dict[str, Any]], record: dict[str, Any]) -> int:
+    """The process that held the record's client port when the emulator logged it, or -1."""
+    slack = 0.1  # the sampling period and more: a port is seen up to 20 ms after it opens
+    port, when = str(record["peerPort"]), record["time"]
+    spans = [(i, r["ports"][port]) for i, r in enumerate(results) if port in r["ports"]]
+    inside = [i for i, (first, last) in spans if first - slack <= when <= last + slack]
+    return inside[0] if len(inside) == 1 else -1
 
 
 def report(
@@ -173,6 +198,7 @@ def report(
     results: list[dict[str, Any]],
     elapsed: float,
     emulator_share: float,
+    splay: float,
     args: argparse.Namespace,
 ) -> None:
     """Print one scenario's figures beside its targets."""
@@ -180,18 +206,19 @@ def report(
     total = sum(counts.values())
     throttled = counts.get("429", 0)
     challenges = counts.get("401", 0)
-    owner = {port: i for i, r in enumerate(results) for port in r["ports"]}
     log = [r for r in emulator.admin("GET", "requests") if r["vault"] == vault]
-    per_process = Counter(owner.get(r["peerPort"], -1) for r in log if r["status"] == 401)
+    per_process = Counter(owner(results, r) for r in log if r["status"] == 401)
     unattributed = per_process.pop(-1, 0)
     challenge_counts = [per_process.get(i, 0) for i in range(processes)]
     failed = sum(CERTIFICATES - n for r in results for n in r["installed"])
     gets = agent_count * CERTIFICATES
     # No client can beat the throttle: its windows bound the time to all installed.
     floor = (math.ceil((gets + processes) / args.limit) - 1) * args.window
+    start = f"first polls spread over {splay:.1f} s (start_splay)" if splay else "all at once"
     print(
         f"\n{agent_count} agents ({processes} processes x {agent_count // processes}) x "
-        f"{CERTIFICATES} certificates, vault throttled at {args.limit} GETs per {args.window:g} s"
+        f"{CERTIFICATES} certificates, vault throttled at {args.limit} GETs per {args.window:g} s, "
+        f"{start}"
     )
     share = throttled / total if total else 0.0
     worst = max(challenge_counts)
@@ -206,7 +233,12 @@ def report(
             f"{unattributed} not attributed; target <= 1 per vault per process",
             verdict(worst <= 1 and challenges <= processes),
         ),
-        ("time to all installed", f"{elapsed:.1f} s", f"the throttle's floor {floor:.0f} s", ""),
+        (
+            "time to all installed",
+            f"{elapsed:.1f} s",
+            f"the throttle's floor {floor:.0f} s" + (f", the splay {splay:.0f} s" if splay else ""),
+            "",
+        ),
         ("emulator CPU", f"{emulator_share:.0%}", "of one core", ""),
     ]
     for name, value, beside, state in rows:
@@ -219,7 +251,8 @@ def main(args: argparse.Namespace) -> None:
         scaled = f"{args.limit} per {args.window:g} s"
         print(f"Key Vault's 4,000 GETs per 10 s per vault scaled to {scaled}")
         for count in args.agents:
-            scenario(emulator, count, args)
+            for splayed in (False, True) if args.splay_margin else (False,):
+                scenario(emulator, count, args, splayed=splayed)
 
 
 if __name__ == "__main__":
@@ -228,6 +261,13 @@ if __name__ == "__main__":
     parser.add_argument("--processes", type=int, default=PROCESSES)
     parser.add_argument("--limit", type=int, default=200, help="GETs per window (scaled)")
     parser.add_argument("--window", type=float, default=10.0, help="seconds")
+    parser.add_argument(
+        "--splay-margin",
+        type=float,
+        default=1.2,
+        help="the second run's start splay: this times the fleet's requests over the vault's "
+        "rate (0: no second run)",
+    )
     parser.add_argument("--quick", action="store_true", help="20 agents in 10 processes (< 60 s)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     options = parser.parse_args()
