@@ -215,8 +215,9 @@ class _Runners:
     """Long-lived tasks that run the dispatched polls, at most ``limit`` of them.
 
     A task spawned per poll (anyio's task group: about 11 µs, with its cancel scope) was a
-    third of the engine's cost of an unchanged poll. Each poll holds a global slot while it
-    waits here, so ``limit`` (the global concurrency) runners always suffice.
+    third of the engine's cost of an unchanged poll. The runners are the global concurrency
+    limit: a runner that finishes a poll takes the next dispatched one at once, where a global
+    slot would wake a dispatcher and then a runner, two trips through the event loop a poll.
     """
 
     def __init__(
@@ -333,7 +334,6 @@ class CertSync(Announcer):
             self._entries[entry.uri] = entry
         self._limiters: dict[str, VaultLimiter] = {}
         self._vault_slots: dict[str, anyio.CapacityLimiter] = {}
-        self._slots = anyio.CapacityLimiter(max_concurrency)
         self._queues: dict[str, deque[_Entry]] = {}
         self._queue_wakers: dict[str, anyio.Event] = {}
         self._heap: list[tuple[float, int, int, _Entry]] = []
@@ -724,8 +724,8 @@ class CertSync(Announcer):
         """Feed one vault's due polls out at its rate: one waiting task per vault, not per URL.
 
         It waits for the vault's bucket, then one of the vault's own slots (so a slow vault
-        stalls only itself), then a global slot, and checks the bucket again last: the vault
-        may have throttled meanwhile.
+        stalls only itself), and checks the bucket again last: the vault may have throttled
+        meanwhile. The poll then waits for a runner (the global limit) holding its vault slot.
         """
         limiter = self.limiter(vault)
         vault_slots = self._vault_slots_for(vault)
@@ -743,37 +743,35 @@ class CertSync(Announcer):
                 continue
             token = object()
             await _acquire(vault_slots, token)
-            try:
-                await _acquire(self._slots, token)
-            except BaseException:
-                vault_slots.release_on_behalf_of(token)
-                raise
             # No await from here on: queue, entry and bucket cannot change under us.
             still_first = queue and queue[0] is entry and entry.state is _State.QUEUED
             if not (still_first and not entry.removed and limiter.try_take()):
-                self._slots.release_on_behalf_of(token)
                 vault_slots.release_on_behalf_of(token)
                 continue
             queue.popleft()
             entry.state = _State.RUNNING
             entry.waiters_now, entry.waiters_next = entry.waiters_next, []
-            runners.submit(entry, token, vault_slots)
+            runners.submit(entry, token, vault_slots, limiter)
 
-    async def _run(self, entry: _Entry, token: object, vault_slots: anyio.CapacityLimiter) -> None:
+    async def _run(
+        self,
+        entry: _Entry,
+        token: object,
+        vault_slots: anyio.CapacityLimiter,
+        limiter: VaultLimiter,
+    ) -> None:
+        if self._overtaken(entry, token, vault_slots, limiter):
+            return
         try:
             result, due = await self._poll(entry)
         finally:
-            self._slots.release_on_behalf_of(token)
             vault_slots.release_on_behalf_of(token)
         entry.state = _State.SCHEDULED
         waiters, entry.waiters_now = entry.waiters_now, []
         for notify in waiters:
             notify(result)
         if entry.removed:
-            entry.release(entry.waiters_next, KvCertSyncError(f"{entry.uri} is no longer observed"))
-            entry.waiters_next = []
-            if entry.successor is not None and self._tg is not None:
-                self._schedule(entry.successor, self.clock.now())
+            self._let_go(entry)
             return
         if self._tg is None:
             return  # the run is ending; _stop() answers any waiters
@@ -781,6 +779,42 @@ class CertSync(Announcer):
             self._enqueue(entry)
         else:
             self._schedule(entry, due)
+
+    def _overtaken(
+        self,
+        entry: _Entry,
+        token: object,
+        vault_slots: anyio.CapacityLimiter,
+        limiter: VaultLimiter,
+    ) -> bool:
+        """True (and the slot given back) when a poll must not run now after all.
+
+        Removed while it waited for a runner, it must install nothing; with its vault
+        throttled meanwhile, it goes back to the head of the vault's queue.
+        """
+        if entry.removed:
+            vault_slots.release_on_behalf_of(token)
+            entry.state = _State.SCHEDULED
+            self._let_go(entry)
+            return True
+        if limiter.paused_until > self.clock.now():
+            vault_slots.release_on_behalf_of(token)
+            entry.waiters_next = entry.waiters_now + entry.waiters_next
+            entry.waiters_now = []
+            entry.state = _State.QUEUED
+            if self._tg is not None:
+                self._queues[entry.vault].appendleft(entry)
+                self._queue_wakers[entry.vault].set()
+            return True
+        return False
+
+    def _let_go(self, entry: _Entry) -> None:
+        """A removed entry's poll is over: answer its waiters, start its successor."""
+        waiters = entry.waiters_now + entry.waiters_next
+        entry.waiters_now, entry.waiters_next = [], []
+        entry.release(waiters, KvCertSyncError(f"{entry.uri} is no longer observed"))
+        if entry.successor is not None and self._tg is not None:
+            self._schedule(entry.successor, self.clock.now())
 
     async def _poll_now(self, entries: list[_Entry]) -> SyncReport:
         if not entries:
@@ -833,7 +867,9 @@ class CertSync(Announcer):
             fetched_ok = True
             stats.fetch.observe(self.clock.now() - started)
             limiter.succeeded()
-            result = await self._apply(entry, fetched)
+            # One reading of the wall clock serves the whole poll: each costs a datetime.
+            wall = self.clock.utcnow()
+            result = await self._apply(entry, fetched, wall)
         except Exception as error:
             if not fetched_ok:
                 stats.fetch.observe(self.clock.now() - started)
@@ -852,16 +888,16 @@ class CertSync(Announcer):
         stats.polls += 1
         entry.attempt = 0
         entry.last_error = None
-        entry.last_success = self.clock.utcnow()
+        entry.last_success = wall
         entry.installed = result.installed
         entry.ready = True
         self._check_ready(entry)
-        self._check_expiry(entry)
+        self._check_expiry(entry, wall)
         return result, self._next_regular(entry, self.clock.now())
 
-    async def _apply(self, entry: _Entry, fetched: SecretVersion) -> PollResult:
+    async def _apply(self, entry: _Entry, fetched: SecretVersion, wall: datetime) -> PollResult:
         observed = entry.observed
-        reason = fetched.usable_at(self.clock.utcnow())
+        reason = fetched.usable_at(wall)
         if reason is not None:
             code = "SecretDisabled" if not fetched.enabled else "SecretNotYetValid"
             raise AccessDenied(f"{fetched.uri}: secret version {reason}", code=code)
@@ -1017,11 +1053,11 @@ class CertSync(Announcer):
         self._ready_marks = self._bus.marks()
         self._ready.set()
 
-    def _check_expiry(self, entry: _Entry) -> None:
+    def _check_expiry(self, entry: _Entry, wall: datetime | None = None) -> None:
         installed = entry.installed
         if self.expiry_warning is None or installed is None:
             return
-        remaining = installed.not_after - self.clock.utcnow()
+        remaining = installed.not_after - (wall or self.clock.utcnow())
         if remaining > self.expiry_warning:
             return
         now = self.clock.now()

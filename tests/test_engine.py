@@ -867,6 +867,101 @@ async def test_a_slow_vault_does_not_starve_a_healthy_one(material: CertificateM
         assert source.max_in_flight <= 8
 
 
+class GatedSource(MemorySource):
+    """Reads of a gated URL wait until the test opens its gate; every read is recorded."""
+
+    def __init__(self, clock: FakeClock, gated: list[str]) -> None:
+        super().__init__()
+        self.clock = clock
+        self.gates = {SecretUri.parse(url): anyio.Event() for url in gated}
+        self.reads: list[tuple[str, float]] = []
+
+    async def get(self, uri: SecretUri) -> SecretVersion:
+        self.reads.append((uri.name, self.clock.now()))
+        gate = self.gates.get(uri)
+        if gate is not None:
+            await gate.wait()
+        return await super().get(uri)
+
+    def open(self, url: str) -> None:
+        self.gates[SecretUri.parse(url)].set()
+
+
+def two_vaults_one_waiting(material: CertificateMaterial) -> tuple[GatedSource, list[str]]:
+    """a1, a2 hold both runners (gated); b1, b2 are dispatched behind them, waiting for one.
+
+    With max_concurrency 2 and max_per_vault 2; b3 waits for one of its vault's slots.
+    """
+    clock = FakeClock()
+    a = [f"https://vaulta.vault.azure.net/secrets/a{i}" for i in (1, 2)]
+    b = [f"https://vaultb.vault.azure.net/secrets/b{i}" for i in (1, 2, 3)]
+    source = GatedSource(clock, a)
+    for url in a + b:
+        source.set(url, material)
+    return source, a + b
+
+
+async def test_a_poll_waiting_for_a_runner_goes_back_when_its_vault_throttles(
+    material: CertificateMaterial,
+) -> None:
+    source, (a1, a2, b1, b2, b3) = two_vaults_one_waiting(material)
+    clock = source.clock
+    source.fail(Throttled("429", retry_after=30), uri=b1)
+    store = MemoryStore()
+    sync = CertSync(
+        [a1, a2, b1, b2, b3],
+        store=store,
+        source=source,
+        clock=clock,
+        max_concurrency=2,
+        max_per_vault=2,
+    )
+    async with sync:
+        await settle(lambda: len(source.reads) == 2)
+        source.open(a1)  # its runner takes b1, which the vault answers 429
+        await settle(lambda: sync.limiter("vaultb.vault.azure.net").paused_until >= 30)
+        source.open(a2)  # its runner takes b2, dispatched before the 429: it must not go
+        await settle(lambda: store.current(SecretUri.parse(a2)) is not None)
+        for _ in range(20):
+            await anyio.lowlevel.checkpoint()
+        assert [name for name, _ in source.reads] == ["a1", "a2", "b1"]
+        await drive(clock, lambda: all(store.current(SecretUri.parse(u)) for u in (b1, b2, b3)))
+    assert all(when >= 30 for _, when in source.reads[3:]), source.reads
+
+
+async def test_a_poll_waiting_for_a_runner_is_dropped_when_its_url_is_removed(
+    material: CertificateMaterial,
+) -> None:
+    source, (a1, a2, b1, b2, b3) = two_vaults_one_waiting(material)
+    store = MemoryStore()
+    sync = CertSync(
+        [a1, a2, b1, b2, b3],
+        store=store,
+        source=source,
+        clock=source.clock,
+        max_concurrency=2,
+        max_per_vault=2,
+    )
+    reports = []
+
+    async def refresh_b1() -> None:
+        reports.append(await sync.refresh(b1))
+
+    async with sync, anyio.create_task_group() as tg:
+        await settle(lambda: len(source.reads) == 2)
+        tg.start_soon(refresh_b1)
+        for _ in range(5):
+            await anyio.lowlevel.checkpoint()  # the refresh joins b1's dispatched poll
+        sync.update_observed([a1, a2, b3])
+        source.open(a1)
+        source.open(a2)
+        await settle(lambda: all(store.current(SecretUri.parse(u)) for u in (a1, a2, b3)))
+        await settle(lambda: bool(reports))
+    assert sorted(name for name, _ in source.reads) == ["a1", "a2", "b3"]
+    assert store.current(SecretUri.parse(b1)) is None and store.current(SecretUri.parse(b2)) is None
+    assert "no longer observed" in str(reports[0].failed[0].error)
+
+
 async def test_refreshes_do_not_grow_the_timer_heap(material: CertificateMaterial) -> None:
     clock = FakeClock()
     source = MemorySource()
