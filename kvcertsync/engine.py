@@ -155,6 +155,8 @@ class _State(enum.Enum):
     SCHEDULED = "scheduled"
     QUEUED = "queued"
     RUNNING = "running"
+    #: A replacement whose URL's previous entry is still polling: it starts when that ends.
+    BEHIND = "behind"
 
 
 _Waiter = Callable[[PollResult], None]
@@ -218,6 +220,8 @@ class _Runners:
     third of the engine's cost of an unchanged poll. The runners are the global concurrency
     limit: a runner that finishes a poll takes the next dispatched one at once, where a global
     slot would wake a dispatcher and then a runner, two trips through the event loop a poll.
+    The waiting polls are taken a vault at a time in turn, so a vault with many waiting does
+    not make another's wait behind all of them.
     """
 
     def __init__(
@@ -227,12 +231,27 @@ class _Runners:
         self._run = run
         self._limit = limit
         self._count = 0
-        self._jobs: deque[tuple[Any, ...]] = deque()
+        self._waiting: dict[str, deque[tuple[Any, ...]]] = {}
+        #: The vaults' queues that hold waiting jobs, in the order of their turns.
+        self._turns: deque[deque[tuple[Any, ...]]] = deque()
         self._idle: list[anyio.Event] = []
 
-    def submit(self, *job: Any) -> None:
+    def drop_waiting(self) -> list[tuple[Any, ...]]:
+        """Take back the jobs no runner has started: the run is ending."""
+        jobs = [job for queue in self._turns for job in queue]
+        for queue in self._turns:
+            queue.clear()
+        self._turns.clear()
+        return jobs
+
+    def submit(self, vault: str, *job: Any) -> None:
         """Run ``run(*job)`` on an idle runner, or a new one while fewer than ``limit`` run."""
-        self._jobs.append(job)
+        queue = self._waiting.get(vault)
+        if queue is None:
+            queue = self._waiting[vault] = deque()
+        if not queue:
+            self._turns.append(queue)
+        queue.append(job)
         if self._idle:
             self._idle.pop().set()
         elif self._count < self._limit:
@@ -240,10 +259,14 @@ class _Runners:
             self._tg.start_soon(self._work)
 
     async def _work(self) -> None:
-        jobs = self._jobs
+        turns = self._turns
         while True:
-            while jobs:
-                await self._run(*jobs.popleft())
+            while turns:
+                queue = turns.popleft()
+                job = queue.popleft()
+                if queue:
+                    turns.append(queue)
+                await self._run(*job)
             idle = anyio.Event()
             self._idle.append(idle)
             await idle.wait()
@@ -559,6 +582,7 @@ class CertSync(Announcer):
                 if existing.state is _State.RUNNING:
                     # Never two polls of one URL at once: the new entry starts when the old ends.
                     existing.successor = fresh
+                    fresh.state = _State.BEHIND
                     continue
             if self._tg is not None:
                 self._schedule(fresh, self.clock.now())
@@ -645,6 +669,10 @@ class CertSync(Announcer):
     def _stop(self) -> None:
         """Forget the run's queues and timers; answer everyone still waiting for a poll."""
         self._tg = None
+        if self._runners is not None:
+            # Polls dispatched but never started hold their vault's slot: the next run needs it.
+            for _entry, token, vault_slots, _limiter in self._runners.drop_waiting():
+                vault_slots.release_on_behalf_of(token)
         self._runners = None
         self._background = False
         self._heap.clear()
@@ -751,7 +779,7 @@ class CertSync(Announcer):
             queue.popleft()
             entry.state = _State.RUNNING
             entry.waiters_now, entry.waiters_next = entry.waiters_next, []
-            runners.submit(entry, token, vault_slots, limiter)
+            runners.submit(vault, entry, token, vault_slots, limiter)
 
     async def _run(
         self,
@@ -801,8 +829,10 @@ class CertSync(Announcer):
             vault_slots.release_on_behalf_of(token)
             entry.waiters_next = entry.waiters_now + entry.waiters_next
             entry.waiters_now = []
-            entry.state = _State.QUEUED
+            # A run that is ending has no queue for it: _stop() left it scheduled, as all.
+            entry.state = _State.SCHEDULED
             if self._tg is not None:
+                entry.state = _State.QUEUED
                 self._queues[entry.vault].appendleft(entry)
                 self._queue_wakers[entry.vault].set()
             return True
@@ -813,8 +843,12 @@ class CertSync(Announcer):
         waiters = entry.waiters_now + entry.waiters_next
         entry.waiters_now, entry.waiters_next = [], []
         entry.release(waiters, KvCertSyncError(f"{entry.uri} is no longer observed"))
-        if entry.successor is not None and self._tg is not None:
-            self._schedule(entry.successor, self.clock.now())
+        successor = entry.successor
+        if successor is not None:
+            if self._tg is not None:
+                self._schedule(successor, self.clock.now())
+            else:
+                successor.state = _State.SCHEDULED
 
     async def _poll_now(self, entries: list[_Entry]) -> SyncReport:
         if not entries:
@@ -1057,7 +1091,7 @@ class CertSync(Announcer):
         installed = entry.installed
         if self.expiry_warning is None or installed is None:
             return
-        remaining = installed.not_after - (wall or self.clock.utcnow())
+        remaining = installed.not_after - (self.clock.utcnow() if wall is None else wall)
         if remaining > self.expiry_warning:
             return
         now = self.clock.now()

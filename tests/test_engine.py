@@ -887,79 +887,166 @@ class GatedSource(MemorySource):
         self.gates[SecretUri.parse(url)].set()
 
 
-def two_vaults_one_waiting(material: CertificateMaterial) -> tuple[GatedSource, list[str]]:
-    """a1, a2 hold both runners (gated); b1, b2 are dispatched behind them, waiting for one.
+def vaults_with_polls_waiting(
+    material: CertificateMaterial, **options: Any
+) -> tuple[GatedSource, CertSync, list[str]]:
+    """a1 and b1 hold both runners (gated); a2 and b2 are dispatched behind them, waiting.
 
-    With max_concurrency 2 and max_per_vault 2; b3 waits for one of its vault's slots.
+    max_concurrency 2 and max_per_vault 2: b3 waits for one of its vault's slots.
     """
     clock = FakeClock()
     a = [f"https://vaulta.vault.azure.net/secrets/a{i}" for i in (1, 2)]
     b = [f"https://vaultb.vault.azure.net/secrets/b{i}" for i in (1, 2, 3)]
-    source = GatedSource(clock, a)
+    source = GatedSource(clock, [a[0], b[0]])
     for url in a + b:
         source.set(url, material)
-    return source, a + b
+    options = {"store": MemoryStore(), "max_concurrency": 2, "max_per_vault": 2, **options}
+    sync = CertSync(a + b, source=source, clock=clock, **options)
+    return source, sync, a + b
+
+
+def installed(sync: CertSync, *urls: str) -> bool:
+    return all(state.installed is not None for state in sync.states() if str(state.uri) in urls)
 
 
 async def test_a_poll_waiting_for_a_runner_goes_back_when_its_vault_throttles(
     material: CertificateMaterial,
 ) -> None:
-    source, (a1, a2, b1, b2, b3) = two_vaults_one_waiting(material)
-    clock = source.clock
+    source, sync, (a1, a2, b1, b2, b3) = vaults_with_polls_waiting(material)
     source.fail(Throttled("429", retry_after=30), uri=b1)
-    store = MemoryStore()
-    sync = CertSync(
-        [a1, a2, b1, b2, b3],
-        store=store,
-        source=source,
-        clock=clock,
-        max_concurrency=2,
-        max_per_vault=2,
-    )
     async with sync:
         await settle(lambda: len(source.reads) == 2)
-        source.open(a1)  # its runner takes b1, which the vault answers 429
-        await settle(lambda: sync.limiter("vaultb.vault.azure.net").paused_until >= 30)
-        source.open(a2)  # its runner takes b2, dispatched before the 429: it must not go
-        await settle(lambda: store.current(SecretUri.parse(a2)) is not None)
+        # b1 is answered 429; its runner takes a2, then b2, dispatched before the 429: b2
+        # must not go.
+        source.open(b1)
+        await settle(lambda: installed(sync, a2))
         for _ in range(20):
             await anyio.lowlevel.checkpoint()
-        assert [name for name, _ in source.reads] == ["a1", "a2", "b1"]
-        await drive(clock, lambda: all(store.current(SecretUri.parse(u)) for u in (b1, b2, b3)))
-    assert all(when >= 30 for _, when in source.reads[3:]), source.reads
+        assert [name for name, _ in source.reads] == ["a1", "b1", "a2"]
+        source.open(a1)
+        await drive(source.clock, lambda: installed(sync, a1, a2, b1, b2, b3))
+    assert all(when >= 30 for name, when in source.reads if name.startswith("b") and name != "b1")
+    assert sorted(name for name, _ in source.reads) == ["a1", "a2", "b1", "b1", "b2", "b3"]
 
 
 async def test_a_poll_waiting_for_a_runner_is_dropped_when_its_url_is_removed(
     material: CertificateMaterial,
 ) -> None:
-    source, (a1, a2, b1, b2, b3) = two_vaults_one_waiting(material)
-    store = MemoryStore()
-    sync = CertSync(
-        [a1, a2, b1, b2, b3],
-        store=store,
-        source=source,
-        clock=source.clock,
-        max_concurrency=2,
-        max_per_vault=2,
-    )
+    source, sync, (a1, a2, b1, b2, b3) = vaults_with_polls_waiting(material)
     reports = []
 
-    async def refresh_b1() -> None:
-        reports.append(await sync.refresh(b1))
+    async def refresh_b2() -> None:
+        reports.append(await sync.refresh(b2))
 
     async with sync, anyio.create_task_group() as tg:
         await settle(lambda: len(source.reads) == 2)
-        tg.start_soon(refresh_b1)
+        tg.start_soon(refresh_b2)
         for _ in range(5):
-            await anyio.lowlevel.checkpoint()  # the refresh joins b1's dispatched poll
-        sync.update_observed([a1, a2, b3])
+            await anyio.lowlevel.checkpoint()  # the refresh joins b2's dispatched poll
+        sync.update_observed([a1, a2, b1, b3])
         source.open(a1)
-        source.open(a2)
-        await settle(lambda: all(store.current(SecretUri.parse(u)) for u in (a1, a2, b3)))
-        await settle(lambda: bool(reports))
-    assert sorted(name for name, _ in source.reads) == ["a1", "a2", "b3"]
-    assert store.current(SecretUri.parse(b1)) is None and store.current(SecretUri.parse(b2)) is None
+        source.open(b1)
+        await settle(lambda: installed(sync, a1, a2, b1, b3) and bool(reports))
+    assert sorted(name for name, _ in source.reads) == ["a1", "a2", "b1", "b3"]
     assert "no longer observed" in str(reports[0].failed[0].error)
+
+
+async def test_polls_left_waiting_for_a_runner_at_stop_give_their_vault_slots_back(
+    material: CertificateMaterial,
+) -> None:
+    # One slot a vault: c1, left waiting at the stop, holds vault c's only one.
+    source, sync, (a1, _, b1, *_) = vaults_with_polls_waiting(material, max_per_vault=1)
+    c1 = "https://vaultc.vault.azure.net/secrets/c1"
+    source.set(c1, material)
+    sync.update_observed([a1, b1, c1])
+    async with sync:
+        await settle(lambda: len(source.reads) == 2)  # a1 and b1 run; c1 waits
+    source.open(a1)
+    source.open(b1)
+    with anyio.fail_after(10):
+        report = await sync.sync_once()  # vault c's slot is free again
+    assert report.ok and len(report.results) == 3
+
+
+async def test_an_install_that_ends_after_the_stop_starts_no_more_polls(
+    material: CertificateMaterial,
+) -> None:
+    store = MemoryStore()
+    source, sync, (a1, _, b1, b2, _) = vaults_with_polls_waiting(material, store=store)
+    installing, finish = anyio.Event(), anyio.Event()
+    install = store.install
+
+    async def slow_install(
+        observed: ObservedCertificate, material: CertificateMaterial, version: str
+    ) -> InstalledCertificate:
+        if observed.uri == SecretUri.parse(a1):
+            installing.set()
+            await finish.wait()
+        return await install(observed, material, version)
+
+    store.install = slow_install  # type: ignore[method-assign]
+
+    async def run() -> None:
+        async with sync:
+            await settle(lambda: len(source.reads) == 2)
+            source.open(a1)
+            with anyio.fail_after(5):
+                await installing.wait()
+            sync.limiter("vaultb.vault.azure.net").throttled(30.0)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await settle(lambda: installing.is_set() and not sync.running)
+        finish.set()  # the shielded install ends after the stop
+    for _ in range(20):
+        await anyio.lowlevel.checkpoint()
+    assert [name for name, _ in source.reads] == ["a1", "b1"]  # a2 and b2 did not go
+    await source.clock.advance(40)
+    source.open(b1)
+    with anyio.fail_after(10):
+        report = await sync.refresh(b2)
+    assert report.ok
+
+
+async def test_a_replacement_waits_for_the_running_poll_of_its_url(
+    material: CertificateMaterial,
+) -> None:
+    source, _, (a1, *_) = vaults_with_polls_waiting(material)
+    sync = CertSync([a1], store=MemoryStore(), source=source, clock=source.clock)
+    reports = []
+
+    async def refresh_a1() -> None:
+        reports.append(await sync.refresh(a1))
+
+    async with sync, anyio.create_task_group() as tg:
+        await settle(lambda: len(source.reads) == 1)  # the first entry of a1 polls (gated)
+        sync.update_observed([ObservedCertificate.of(a1, store_name="Root")])
+        tg.start_soon(refresh_a1)
+        for _ in range(50):
+            await anyio.lowlevel.checkpoint()
+        assert len(source.reads) == 1  # not a second read of a1 while the first runs
+        source.open(a1)
+        await settle(lambda: bool(reports))
+    assert len(source.reads) == 2 and reports[0].ok
+
+
+async def test_a_vault_with_many_polls_waiting_does_not_hold_up_another(
+    material: CertificateMaterial,
+) -> None:
+    slow = [f"https://slow{v}.vault.azure.net/secrets/c{i}" for v in range(3) for i in range(4)]
+    fast = "https://fast.vault.azure.net/secrets/c"
+    source = GatedSource(FakeClock(), slow)
+    for url in [*slow, fast]:
+        source.set(url, material)
+    sync = CertSync([*slow, fast], store=MemoryStore(), source=source, max_concurrency=4)
+    async with sync:
+        # Nine slow polls (three a vault) are dispatched before the fast one; the runners take
+        # a vault at a time, so the fast one is among the first four, not behind all nine.
+        await settle(lambda: installed(sync, fast))
+        assert [name for name, _ in source.reads].index("c") < 4, source.reads
+        for url in slow:
+            source.open(url)
+        await settle(lambda: installed(sync, *slow))
 
 
 async def test_refreshes_do_not_grow_the_timer_heap(material: CertificateMaterial) -> None:
