@@ -29,6 +29,7 @@ def test_bench_compare_prints_every_client_beside_the_ceiling_and_the_targets() 
         "CertSync / naive aio SDK, 0 ms",
         "CertSync / sync SDK serial, 15 ms",
         "engine overhead over its source",
+        "PEM store / MemoryStore, 0 ms",
         "client CPU per unchanged poll",
         "emulator CPU in the busiest pass",
     ):

@@ -16,8 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -31,6 +32,7 @@ from kvcertsync.hooks import command_hook
 from kvcertsync.material import CertificateMaterial
 from kvcertsync.settings import Acl, ObservedCertificate
 from kvcertsync.sources import MemorySource
+from kvcertsync.stores import pemdir
 from kvcertsync.stores.pemdir import PemDirectoryStore
 
 OPENSSL = shutil.which("openssl")
@@ -926,8 +928,39 @@ async def test_installed_refuses_a_directory_opened_to_others_after_it_answered(
     await store.install(cert, material, V1)
     assert await store.installed(cert) is not None
     (tmp_path / "s").chmod(0o777)
+    # Checked again for all its certificates together, once a second at most.
+    await anyio.sleep(pemdir._DIRECTORY_RECHECK_S)
     with pytest.raises(StoreError, match="writable by group or others"):
         await store.installed(cert)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("layout", ["kvlinux", "split"])
+async def test_installed_answers_from_memory_at_the_cost_of_one_stat(
+    tmp_path: Path, ca: TestAuthority, layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = PemDirectoryStore(layout=layout)  # type: ignore[arg-type]
+    certs = [ObservedCertificate.of(f"{URL}{i}", store_location=str(tmp_path)) for i in range(20)]
+    for cert in certs:
+        await store.install(cert, ca.issue(["a.example"]), V1)
+    calls: list[str] = []
+    real_stat, real_lstat, real_readlink = os.stat, os.lstat, os.readlink
+
+    def counted(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(os, "stat", counted("stat", real_stat))
+    monkeypatch.setattr(os, "lstat", counted("lstat", real_lstat))
+    monkeypatch.setattr(os, "readlink", counted("readlink", real_readlink))
+    for _ in range(5):
+        answers = [await store.installed(cert) for cert in certs]
+        assert all(a is not None and a.version == V1 for a in answers)
+    # One stat per answer, and the directory's owner and mode once a second for all of them.
+    assert calls.count("stat") <= 100 + 2 and set(calls) == {"stat"}
 
 
 # ------------------------------------------------------------------------- pruning, per certificate
@@ -999,8 +1032,6 @@ async def test_versions_another_process_wrote_are_pruned_too(
 async def test_leftovers_are_swept_again_by_a_long_running_store(
     tmp_path: Path, ca: TestAuthority, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kvcertsync.stores import pemdir
-
     store = PemDirectoryStore()
     cert = observed(tmp_path)
     await store.install(cert, ca.issue(["l.example"]), V1)

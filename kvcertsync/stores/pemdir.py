@@ -62,6 +62,10 @@ _LeafFacts = tuple[str, datetime]
 # directory (dev, inode, owner, mode) for the installed() cache.
 _FileId = tuple[int, int, int, int, int, int]
 _DirectoryId = tuple[int, int, int, int]
+# How old a store directory's owner and mode check may be when installed() answers from memory.
+# The answer itself is checked on every call; only the refusal of a directory opened to others
+# since can come this much later (see _cached).
+_DIRECTORY_RECHECK_S = 1.0
 _FACTS_LIMIT = 100_000
 _VERSION = re.compile(r"[0-9a-f]{32}")
 _TEMP_PREFIX = ".kvcertsync-tmp-"
@@ -110,8 +114,8 @@ class _Cached(NamedTuple):
 
     directory: str  # the store directory, as a path
     directory_id: _DirectoryId  # dev, inode, owner, mode it had when checked
-    links: tuple[str, ...]  # the certificate's links, as paths
-    target: str  # what every one of them said
+    links: tuple[str, ...]  # the certificate's links after the first (customSymbolicLinkName)
+    target: str  # what every link said
     facts_path: str  # the file the leaf was read from, reached through the first link
     facts_id: _FileId  # its dev, inode, size, mtime, ctime, links
     record: InstalledCertificate
@@ -197,6 +201,8 @@ class PemDirectoryStore:
         self._warned: set[tuple[str, str]] = set()
         # installed() answers, each checked against the files before use (see _cached).
         self._answers: dict[ObservedCertificate, _Cached] = {}
+        # Each store directory's identity as a path last resolved to it, and when (monotonic).
+        self._directories: dict[str, tuple[_DirectoryId, float]] = {}
         # Each store directory's versions, by (st_dev, st_ino), so that an install prunes its
         # own certificate's files without listing the directory (see _index).
         self._indexes: dict[tuple[int, int], _Index] = {}
@@ -342,25 +348,31 @@ class PemDirectoryStore:
     def _cached(self, observed: ObservedCertificate) -> InstalledCertificate | None:
         """The remembered answer for ``observed`` if the files still say it, else None.
 
-        Each check resolves the path afresh: the directory is the one that was checked (same
-        inode, owner and mode), every link still names the same entry, and the file the leaf
-        was read from through the first link is the same, unchanged (inode, size, mtime, ctime
-        and link count: a file renamed over it, rewritten, hard-linked or chmod-ed differs).
+        One ``stat`` proves it, resolving the path afresh: the file the leaf was read from,
+        reached through the first link, is the same file, unchanged (inode, size, mtime, ctime
+        and link count: a link pointed elsewhere, a file renamed over it, rewritten, hard-linked
+        or chmod-ed differs). A ``customSymbolicLinkName`` costs a ``readlink`` more. The
+        directory's owner and mode are checked again once a second at most, for every
+        certificate in it together: a directory opened to others is refused that late, and
+        nothing placed in it by others meanwhile is taken, since any such change differs above.
         """
         cached = self._answers.get(observed)
         if cached is None:
             return None
         try:
-            if _directory_id(os.stat(cached.directory)) != cached.directory_id:
+            if _file_id(os.stat(cached.facts_path)) != cached.facts_id:
                 return None
             for link in cached.links:
                 if os.readlink(link) != cached.target:
                     return None
-            if _file_id(os.stat(cached.facts_path)) != cached.facts_id:
-                return None
+            now = time.monotonic()
+            seen = self._directories.get(cached.directory)
+            if seen is None or now - seen[1] >= _DIRECTORY_RECHECK_S:
+                seen = (_directory_id(os.stat(cached.directory)), now)
+                self._directories[cached.directory] = seen
         except OSError:
             return None
-        return cached.record
+        return cached.record if seen[0] == cached.directory_id else None
 
     def _remember(
         self,
@@ -376,12 +388,14 @@ class PemDirectoryStore:
         self._answers[observed] = _Cached(
             directory,
             directory_id,
-            paths,
+            paths[1:],
             f"{base}.{record.version}",
             os.path.join(paths[0], facts_file) if facts_file else paths[0],
             file_id,
             record,
         )
+        # Just checked through a descriptor opened safely: as good as a check by path now.
+        self._directories[directory] = (directory_id, time.monotonic())
 
     def _read(
         self, observed: ObservedCertificate
