@@ -959,8 +959,30 @@ async def test_installed_answers_from_memory_at_the_cost_of_one_stat(
     for _ in range(5):
         answers = [await store.installed(cert) for cert in certs]
         assert all(a is not None and a.version == V1 for a in answers)
-    # One stat per answer, and the directory's owner and mode once a second for all of them.
-    assert calls.count("stat") <= 100 + 2 and set(calls) == {"stat"}
+    # A readlink and a stat per answer; the directory's owner and mode once a second for all.
+    assert calls.count("readlink") == 100 and 100 <= calls.count("stat") <= 102, calls
+    assert set(calls) == {"stat", "readlink"}
+
+
+@pytest.mark.anyio
+async def test_installed_sees_a_link_moved_to_a_renamed_entry_that_holds_the_same_files(
+    tmp_path: Path, ca: TestAuthority
+) -> None:
+    store = PemDirectoryStore(layout="split")
+    cert = observed(tmp_path)
+    await store.install(cert, ca.issue(["a.example"]), V1)
+    assert (await store.installed(cert)).version == V1  # type: ignore[union-attr]
+    # The version directory renamed: its cert.pem is untouched (same inode, same times).
+    os.rename(tmp_path / f"myvault.web.{V1}", tmp_path / f"myvault.web.{V2}")
+    (tmp_path / "new").symlink_to(f"myvault.web.{V2}")
+    os.replace(tmp_path / "new", tmp_path / "myvault.web")
+    assert (await store.installed(cert)).version == V2  # type: ignore[union-attr]
+    # Reached through a link kvcertsync did not write: refused, as a fresh lookup refuses it.
+    (tmp_path / "alias").symlink_to(f"myvault.web.{V2}")
+    (tmp_path / "new").symlink_to("alias")
+    os.replace(tmp_path / "new", tmp_path / "myvault.web")
+    with pytest.raises(StoreError, match="did not write"):
+        await store.installed(cert)
 
 
 # ------------------------------------------------------------------------- pruning, per certificate

@@ -114,7 +114,7 @@ class _Cached(NamedTuple):
 
     directory: str  # the store directory, as a path
     directory_id: _DirectoryId  # dev, inode, owner, mode it had when checked
-    links: tuple[str, ...]  # the certificate's links after the first (customSymbolicLinkName)
+    links: tuple[str, ...]  # the certificate's links, as paths
     target: str  # what every link said
     facts_path: str  # the file the leaf was read from, reached through the first link
     facts_id: _FileId  # its dev, inode, size, mtime, ctime, links
@@ -348,28 +348,30 @@ class PemDirectoryStore:
     def _cached(self, observed: ObservedCertificate) -> InstalledCertificate | None:
         """The remembered answer for ``observed`` if the files still say it, else None.
 
-        One ``stat`` proves it, resolving the path afresh: the file the leaf was read from,
-        reached through the first link, is the same file, unchanged (inode, size, mtime, ctime
-        and link count: a link pointed elsewhere, a file renamed over it, rewritten, hard-linked
-        or chmod-ed differs). A ``customSymbolicLinkName`` costs a ``readlink`` more. The
-        directory's owner and mode are checked again once a second at most, for every
-        certificate in it together: a directory opened to others is refused that late, and
-        nothing placed in it by others meanwhile is taken, since any such change differs above.
+        A ``readlink`` of each link and a ``stat`` through the first prove it, resolving the
+        path afresh: every link still names the same entry, and the file the leaf was read from
+        is the same file, unchanged (inode, size, mtime, ctime and link count: a file renamed
+        over it, rewritten, hard-linked or chmod-ed differs). The directory's owner and mode
+        are checked again once a second at most, for all its certificates together: a
+        directory opened to others is refused that late; nothing placed in it meanwhile is
+        taken for the certificate, since any such change differs above.
         """
         cached = self._answers.get(observed)
         if cached is None:
             return None
         try:
-            if _file_id(os.stat(cached.facts_path)) != cached.facts_id:
-                return None
             for link in cached.links:
                 if os.readlink(link) != cached.target:
                     return None
+            if _file_id(os.stat(cached.facts_path)) != cached.facts_id:
+                return None
             now = time.monotonic()
             seen = self._directories.get(cached.directory)
             if seen is None or now - seen[1] >= _DIRECTORY_RECHECK_S:
-                seen = (_directory_id(os.stat(cached.directory)), now)
-                self._directories[cached.directory] = seen
+                directory_id = _directory_id(os.stat(cached.directory))
+                if not _safe_directory(directory_id):
+                    return None  # the full lookup says what is wrong
+                seen = self._directories[cached.directory] = (directory_id, now)
         except OSError:
             return None
         return cached.record if seen[0] == cached.directory_id else None
@@ -388,14 +390,16 @@ class PemDirectoryStore:
         self._answers[observed] = _Cached(
             directory,
             directory_id,
-            paths[1:],
+            paths,
             f"{base}.{record.version}",
             os.path.join(paths[0], facts_file) if facts_file else paths[0],
             file_id,
             record,
         )
-        # Just checked through a descriptor opened safely: as good as a check by path now.
-        self._directories[directory] = (directory_id, time.monotonic())
+        # Seen through a descriptor opened safely: a first check by path, never one that
+        # replaces a newer check made on the event loop (this may run in a worker thread).
+        if _safe_directory(directory_id):
+            self._directories.setdefault(directory, (directory_id, time.monotonic()))
 
     def _read(
         self, observed: ObservedCertificate
@@ -1146,6 +1150,12 @@ def _remove_leftover(name: str, fd: int, directory: Path, now: float) -> None:
 
 def _directory_id(info: os.stat_result) -> _DirectoryId:
     return (info.st_dev, info.st_ino, info.st_uid, info.st_mode)
+
+
+def _safe_directory(directory_id: _DirectoryId) -> bool:
+    """Whether a store directory so owned and with that mode may be read from (see _walk)."""
+    _, _, uid, mode = directory_id
+    return uid in (0, os.geteuid()) and not mode & 0o022
 
 
 def _file_id(info: os.stat_result) -> _FileId:
