@@ -222,10 +222,16 @@ def report(
     )
     share = throttled / total if total else 0.0
     worst = max(challenge_counts)
+    goal = "target <= 5 %"
+    if not splay:
+        # Agents that start together, each sending its polls at once as a lone agent should:
+        # whatever exceeds the first window is answered 429 before any agent has seen one.
+        over = max(0, gets + processes - args.limit)
+        goal += f"; at least {over / (gets + processes + over):.1%} for agents started together"
     rows = [
         ("failed installs", f"{failed}", "target 0", verdict(not failed)),
         ("requests to the vault", f"{total}", f"answers {dict(sorted(counts.items()))}", ""),
-        ("throttled (429) share", f"{share:.1%}", "target <= 5 %", verdict(share <= 0.05)),
+        ("throttled (429) share", f"{share:.1%}", goal, verdict(share <= 0.05)),
         (
             "401 challenges per process",
             f"max {worst}",
