@@ -936,7 +936,7 @@ async def test_installed_refuses_a_directory_opened_to_others_after_it_answered(
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("layout", ["kvlinux", "split"])
-async def test_installed_answers_from_memory_at_the_cost_of_one_stat(
+async def test_installed_answers_from_memory_with_a_system_call_per_thing_it_proves(
     tmp_path: Path, ca: TestAuthority, layout: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = PemDirectoryStore(layout=layout)  # type: ignore[arg-type]
@@ -959,9 +959,34 @@ async def test_installed_answers_from_memory_at_the_cost_of_one_stat(
     for _ in range(5):
         answers = [await store.installed(cert) for cert in certs]
         assert all(a is not None and a.version == V1 for a in answers)
-    # A readlink and a stat per answer; the directory's owner and mode once a second for all.
+    # A readlink of the link, a stat of the file and, for a version directory, an lstat of it,
+    # per answer; the store directory's owner and mode once a second for all of them.
     assert calls.count("readlink") == 100 and 100 <= calls.count("stat") <= 102, calls
-    assert set(calls) == {"stat", "readlink"}
+    assert calls.count("lstat") == (100 if layout == "split" else 0), calls
+    assert set(calls) <= {"stat", "readlink", "lstat"}
+
+
+@pytest.mark.anyio
+async def test_installed_sees_a_version_directory_swapped_for_a_link_to_another(
+    tmp_path: Path, ca: TestAuthority
+) -> None:
+    store = PemDirectoryStore(layout="split")
+    cert = observed(tmp_path / "s")
+    await store.install(cert, ca.issue(["a.example"]), V1)
+    assert (await store.installed(cert)).version == V1  # type: ignore[union-attr]
+    # Another key beside the same cert.pem, reached through a link where the directory was.
+    entry = tmp_path / "s" / f"myvault.web.{V1}"
+    moved = tmp_path / "elsewhere"
+    os.rename(entry, moved)
+    forged = tmp_path / "forged"
+    forged.mkdir(mode=0o700)
+    (forged / "cert.pem").symlink_to(moved / "cert.pem")
+    (forged / "privkey.pem").write_bytes(b"someone else's key")
+    entry.symlink_to(forged)
+    # A fresh lookup does not follow it (the next install writes the version again): nor may
+    # the remembered answer.
+    assert await PemDirectoryStore(layout="split").installed(cert) is None
+    assert await store.installed(cert) is None
 
 
 @pytest.mark.anyio

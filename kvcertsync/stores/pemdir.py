@@ -62,6 +62,8 @@ _LeafFacts = tuple[str, datetime]
 # directory (dev, inode, owner, mode) for the installed() cache.
 _FileId = tuple[int, int, int, int, int, int]
 _DirectoryId = tuple[int, int, int, int]
+# The file the leaf is read from (in the entry), its identity, the entry's, the directory's.
+_Identities = tuple[str, _FileId, _FileId | None, _DirectoryId]
 # How old a store directory's owner and mode check may be when installed() answers from memory.
 # The answer itself is checked on every call; only the refusal of a directory opened to others
 # since can come this much later (see _cached).
@@ -118,6 +120,8 @@ class _Cached(NamedTuple):
     target: str  # what every link said
     facts_path: str  # the file the leaf was read from, reached through the first link
     facts_id: _FileId  # its dev, inode, size, mtime, ctime, links
+    entry: str | None  # a version directory (layout "split"), as a path: checked itself too
+    entry_id: _FileId | None  # its identity, as for facts_id
     record: InstalledCertificate
 
 
@@ -340,9 +344,9 @@ class PemDirectoryStore:
         found = self._lookup(observed, self._leaf_facts)
         if found is None:
             return None
-        version, (leaf, facts_file, file_id, directory_id), link = found
+        version, (leaf, identities), link = found
         record = self._record(observed, version, leaf, link)
-        self._remember(observed, record, facts_file, file_id, directory_id)
+        self._remember(observed, record, *identities)
         return record
 
     def _cached(self, observed: ObservedCertificate) -> InstalledCertificate | None:
@@ -351,7 +355,9 @@ class PemDirectoryStore:
         A ``readlink`` of each link and a ``stat`` through the first prove it, resolving the
         path afresh: every link still names the same entry, and the file the leaf was read from
         is the same file, unchanged (inode, size, mtime, ctime and link count: a file renamed
-        over it, rewritten, hard-linked or chmod-ed differs). The directory's owner and mode
+        over it, rewritten, hard-linked or chmod-ed differs); a version directory (layout
+        "split") is itself the same, by an ``lstat`` (a file renamed in or out of it, or the
+        directory swapped for a link, differs). The directory's owner and mode
         are checked again once a second at most, for all its certificates together: a
         directory opened to others is refused that late; nothing placed in it meanwhile is
         taken for the certificate, since any such change differs above.
@@ -364,6 +370,9 @@ class PemDirectoryStore:
                 if os.readlink(link) != cached.target:
                     return None
             if _file_id(os.stat(cached.facts_path)) != cached.facts_id:
+                return None
+            # A version directory swapped for a link to another whose cert.pem is this one.
+            if cached.entry is not None and _file_id(os.lstat(cached.entry)) != cached.entry_id:
                 return None
             now = time.monotonic()
             seen = self._directories.get(cached.directory)
@@ -382,18 +391,22 @@ class PemDirectoryStore:
         record: InstalledCertificate,
         facts_file: str,
         file_id: _FileId,
+        entry_id: _FileId | None,
         directory_id: _DirectoryId,
     ) -> None:
         """Remember ``record`` with the identities that prove it (see _cached)."""
         directory, base = os.path.split(record.location)
         paths = tuple(os.path.join(directory, name) for name in self._links(observed, base))
+        target = f"{base}.{record.version}"
         self._answers[observed] = _Cached(
             directory,
             directory_id,
             paths,
-            f"{base}.{record.version}",
+            target,
             os.path.join(paths[0], facts_file) if facts_file else paths[0],
             file_id,
+            None if entry_id is None else os.path.join(directory, target),
+            entry_id,
             record,
         )
         # Seen through a descriptor opened safely: a first check by path, never one that
@@ -464,8 +477,8 @@ class PemDirectoryStore:
             raise StoreError(f"{base} points at {target!r}, which kvcertsync did not write")
         return version
 
-    def _leaf_facts(self, entry: str, fd: int) -> tuple[_LeafFacts, str, _FileId, _DirectoryId]:
-        """The leaf's facts, the file they came from (in the entry), its and fd's identity."""
+    def _leaf_facts(self, entry: str, fd: int) -> tuple[_LeafFacts, _Identities]:
+        """The leaf's facts, and the identities that prove them (see _identify)."""
         info = self._lstat(entry, fd)
         if info is None:
             raise FileNotFoundError(errno.ENOENT, "missing", entry)
@@ -473,18 +486,20 @@ class PemDirectoryStore:
         if stat.S_ISDIR(info.st_mode):
             with _open_dir(entry, fd, lookup=True) as sub:
                 facts, file_info = self._facts_of("cert.pem", sub)
-                return facts, "cert.pem", _file_id(file_info), directory_id
+            return facts, ("cert.pem", _file_id(file_info), _file_id(info), directory_id)
         facts, file_info = self._facts_of(entry, fd)
-        return facts, "", _file_id(file_info), directory_id
+        return facts, ("", _file_id(file_info), None, directory_id)
 
-    def _identify(self, entry: str, fd: int) -> tuple[str, _FileId, _DirectoryId]:
-        """The file of ``entry`` the leaf is read from, its identity and the directory's."""
+    def _identify(self, entry: str, fd: int) -> _Identities:
+        """The file of ``entry`` the leaf is read from, its identity, the version directory's
+        (layout "split") and the store directory's."""
         if self.layout == "split":
             with _open_dir(entry, fd, lookup=True) as sub:
                 info = os.stat("cert.pem", dir_fd=sub, follow_symlinks=False)
-            return "cert.pem", _file_id(info), _directory_id(os.fstat(fd))
+            entry_info = os.stat(entry, dir_fd=fd, follow_symlinks=False)
+            return "cert.pem", _file_id(info), _file_id(entry_info), _directory_id(os.fstat(fd))
         info = os.stat(entry, dir_fd=fd, follow_symlinks=False)
-        return "", _file_id(info), _directory_id(os.fstat(fd))
+        return "", _file_id(info), None, _directory_id(os.fstat(fd))
 
     def _facts_of(self, name: str, dir_fd: int) -> tuple[_LeafFacts, os.stat_result]:
         """The leaf's thumbprint and expiry, parsed once per file.
