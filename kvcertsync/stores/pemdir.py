@@ -118,7 +118,7 @@ class _Cached(NamedTuple):
     directory_id: _DirectoryId  # dev, inode, owner, mode it had when checked
     links: tuple[str, ...]  # the certificate's links, as paths
     target: str  # what every link said
-    facts_path: str  # the file the leaf was read from, reached through the first link
+    facts_path: str  # the file the leaf was read from, in the entry the links name
     facts_id: _FileId  # its dev, inode, size, mtime, ctime, links
     entry: str | None  # a version directory (layout "split"), as a path: checked itself too
     entry_id: _FileId | None  # its identity, as for facts_id
@@ -352,15 +352,16 @@ class PemDirectoryStore:
     def _cached(self, observed: ObservedCertificate) -> InstalledCertificate | None:
         """The remembered answer for ``observed`` if the files still say it, else None.
 
-        A ``readlink`` of each link and a ``stat`` through the first prove it, resolving the
-        path afresh: every link still names the same entry, and the file the leaf was read from
-        is the same file, unchanged (inode, size, mtime, ctime and link count: a file renamed
-        over it, rewritten, hard-linked or chmod-ed differs); a version directory (layout
-        "split") is itself the same, by an ``lstat`` (a file renamed in or out of it, or the
-        directory swapped for a link, differs). The directory's owner and mode
-        are checked again once a second at most, for all its certificates together: a
-        directory opened to others is refused that late; nothing placed in it meanwhile is
-        taken for the certificate, since any such change differs above.
+        A ``readlink`` of each link and an ``lstat`` of the entry it names prove it, resolving
+        the path afresh: every link still names the same entry, and the file the leaf was read
+        from is the same file, unchanged (inode, size, mtime, ctime and link count: a file
+        renamed over it, rewritten, hard-linked, chmod-ed or swapped for a link differs); a
+        version directory (layout "split") is itself the same, by an ``lstat`` more (a file
+        renamed in or out of it, or the directory swapped for a link, differs). The path to the
+        directory is walked and checked again once a second at most, for all its certificates
+        together: a directory (or one on the way) opened to others is refused that late;
+        nothing placed in it meanwhile is taken for the certificate, since any such change
+        differs above.
         """
         cached = self._answers.get(observed)
         if cached is None:
@@ -369,20 +370,28 @@ class PemDirectoryStore:
             for link in cached.links:
                 if os.readlink(link) != cached.target:
                     return None
-            if _file_id(os.stat(cached.facts_path)) != cached.facts_id:
-                return None
             # A version directory swapped for a link to another whose cert.pem is this one.
             if cached.entry is not None and _file_id(os.lstat(cached.entry)) != cached.entry_id:
                 return None
+            if _file_id(os.lstat(cached.facts_path)) != cached.facts_id:
+                return None
             now = time.monotonic()
             seen = self._directories.get(cached.directory)
-            if seen is None or now - seen[1] >= _DIRECTORY_RECHECK_S:
-                directory_id = _directory_id(os.stat(cached.directory))
-                if not _safe_directory(directory_id):
-                    return None  # the full lookup says what is wrong
+            # Checked again when stale, or when it differs: an install may have granted the
+            # directory to readers since (its mode changed) after seeding this check.
+            if (
+                seen is None
+                or now - seen[1] >= _DIRECTORY_RECHECK_S
+                or seen[0] != cached.directory_id
+            ):
+                fd = self._open_store_dir(Path(cached.directory), create=False)
+                try:
+                    directory_id = _directory_id(os.fstat(fd))
+                finally:
+                    os.close(fd)
                 seen = self._directories[cached.directory] = (directory_id, now)
-        except OSError:
-            return None
+        except (OSError, StoreError):
+            return None  # the full lookup says what is wrong, if anything
         return cached.record if seen[0] == cached.directory_id else None
 
     def _remember(
@@ -398,14 +407,15 @@ class PemDirectoryStore:
         directory, base = os.path.split(record.location)
         paths = tuple(os.path.join(directory, name) for name in self._links(observed, base))
         target = f"{base}.{record.version}"
+        entry = os.path.join(directory, target)
         self._answers[observed] = _Cached(
             directory,
             directory_id,
             paths,
             target,
-            os.path.join(paths[0], facts_file) if facts_file else paths[0],
+            os.path.join(entry, facts_file) if facts_file else entry,
             file_id,
-            None if entry_id is None else os.path.join(directory, target),
+            None if entry_id is None else entry,
             entry_id,
             record,
         )
