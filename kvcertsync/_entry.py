@@ -13,8 +13,9 @@ from typing import Any
 
 __all__ = ["HeldSignals", "main"]
 
+# SIGTERM last: once it is caught (what a supervisor, or a test, can see), all of them are.
 _HELD = tuple(
-    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name)
+    getattr(signal, name) for name in ("SIGINT", "SIGHUP", "SIGTERM") if hasattr(signal, name)
 )
 
 
@@ -29,8 +30,17 @@ class HeldSignals:
     def start(cls) -> HeldSignals:
         """Hold SIGTERM, SIGINT and SIGHUP from now on."""
         held = cls()
-        for signum in _HELD:
-            held.previous[signum] = signal.signal(signum, held._remember)
+        # Blocked while the handlers change: a SIGINT arriving between two of them would
+        # otherwise meet Python's own handler and a KeyboardInterrupt mid-start.
+        masked = hasattr(signal, "pthread_sigmask")
+        if masked:
+            before = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+        try:
+            for signum in _HELD:
+                held.previous[signum] = signal.signal(signum, held._remember)
+        finally:
+            if masked:
+                signal.pthread_sigmask(signal.SIG_SETMASK, before)
         return held
 
     def _remember(self, signum: int, frame: FrameType | None) -> None:
