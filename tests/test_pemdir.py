@@ -920,33 +920,25 @@ async def test_installed_sees_a_version_file_replaced_or_damaged(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("opened", "refusal"),
+    [
+        ("parent/s", "writable by group or others"),  # the store directory itself
+        ("parent", "others can write"),  # one on the way: anyone could swap the store (no +t)
+    ],
+)
 async def test_installed_refuses_a_directory_opened_to_others_after_it_answered(
-    tmp_path: Path, material: CertificateMaterial
+    tmp_path: Path, material: CertificateMaterial, opened: str, refusal: str
 ) -> None:
+    (tmp_path / "parent").mkdir(mode=0o755)
     store = PemDirectoryStore()
-    cert = observed(tmp_path / "s")
+    cert = observed(tmp_path / "parent" / "s")
     await store.install(cert, material, V1)
     assert await store.installed(cert) is not None
-    (tmp_path / "s").chmod(0o777)
+    (tmp_path / opened).chmod(0o777)
     # Checked again for all its certificates together, once a second at most.
     await anyio.sleep(pemdir._DIRECTORY_RECHECK_S)
-    with pytest.raises(StoreError, match="writable by group or others"):
-        await store.installed(cert)
-
-
-@pytest.mark.anyio
-async def test_installed_refuses_a_directory_on_the_way_opened_to_others_after_it_answered(
-    tmp_path: Path, material: CertificateMaterial
-) -> None:
-    parent = tmp_path / "parent"
-    parent.mkdir(mode=0o755)
-    store = PemDirectoryStore()
-    cert = observed(parent / "s")
-    await store.install(cert, material, V1)
-    assert await store.installed(cert) is not None
-    parent.chmod(0o777)  # no sticky bit: anyone could swap the store directory
-    await anyio.sleep(pemdir._DIRECTORY_RECHECK_S)
-    with pytest.raises(StoreError, match="others can write"):
+    with pytest.raises(StoreError, match=refusal):
         await store.installed(cert)
 
 
