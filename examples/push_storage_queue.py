@@ -37,8 +37,11 @@ async def queue_messages(queue: QueueClient, *, idle: float = 0.5) -> AsyncItera
         async for message in queue.receive_messages(messages_per_page=32, visibility_timeout=60):
             yield message.content
             # Taken means parsed and its refresh started; a crash loses nothing: a restarted
-            # agent polls every certificate first.
-            await queue.delete_message(message)
+            # agent polls every certificate first. Shielded, so a stop that comes while the
+            # delete is in flight does not leave a handled message to come back; bounded, so a
+            # queue that hangs does not hold the stop.
+            with anyio.move_on_after(10, shield=True):
+                await queue.delete_message(message)
         await anyio.sleep(idle)
 
 

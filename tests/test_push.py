@@ -531,6 +531,7 @@ async def test_storage_queue_example_with_the_real_sdk() -> None:
             ("DELETE", "/devstoreaccount1/kv-events/messages"),
         }
         assert all(status < 300 for _, _, status in fake.requests)
+        assert fake.queues["kv-events"] == []  # every message taken was acknowledged
 
 
 async def test_the_fake_queue_checks_the_shared_key() -> None:
