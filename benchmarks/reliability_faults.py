@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import re
 import ssl
 import subprocess
@@ -112,12 +113,16 @@ def start_emulator() -> tuple[subprocess.Popen[str], dict[str, str]]:
     }
 
 
-def snapshot(directory: Path) -> dict[str, bytes]:
-    """Every file a reader sees through the links, by name."""
+def snapshot(directory: Path) -> dict[str, tuple[str, bytes]]:
+    """What a reader sees: each link's target and the bytes behind it, by the link's name.
+
+    Not the version entries themselves: the install that ended the previous fault prunes a
+    superseded version just after its links move, and that is no change a reader could see.
+    """
     return {
-        p.name: p.read_bytes()
+        p.name: (os.readlink(p), p.read_bytes())
         for p in sorted(directory.iterdir())
-        if not p.name.startswith(".") and p.is_file()
+        if not p.name.startswith(".") and p.is_symlink()
     }
 
 
