@@ -538,6 +538,7 @@ async def test_states_say_where_each_certificate_stands_and_recovery_is_announce
         source.set(b, ca.issue(["b.example"]))
         await drive(clock, lambda: sync.states()[1].current, step=1)
         assert sync.states()[1].error is None and sync.initial_sync_done == 2
+        await settle(lambda: bool(seen))  # delivered by the bus's own task, maybe not yet
         assert len(seen) == 1 and isinstance(seen[0], SyncRecovered)
         assert str(seen[0].uri) == b and seen[0].failures >= 1
         assert seen[0].describe().startswith(f"recovered {b} after ")
