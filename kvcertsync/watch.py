@@ -30,6 +30,9 @@ __all__ = ["StoreWatcher"]
 
 logger = logging.getLogger(__name__)
 
+#: How soon after a watch starts the store is read again (changes just before are unseen).
+_SETTLE_SECONDS = 1.0
+
 
 def _watchfiles_available() -> bool:
     try:
@@ -185,22 +188,30 @@ class StoreWatcher(Announcer):
     async def _follow_notifications(self) -> None:
         from watchfiles import awatch
 
+        # Wakes at least this often, to read the store once a new watch is surely in place.
+        wake = min(self.recheck_interval, _SETTLE_SECONDS)
         while True:
             watched = self._watched()
             logger.info("watching %s for changes", ", ".join(map(str, watched)))
-            async for _changes in awatch(
+            # A change between the last read and the moment the watch starts sends no
+            # notification: the first wake after the start reads the store again for it.
+            settled, last_read = False, anyio.current_time()
+            async for changes in awatch(
                 *watched,
                 watch_filter=None,
                 recursive=False,
                 debounce=200,
                 step=20,
                 stop_event=self._stop,
-                rust_timeout=int(self.recheck_interval * 1000),
+                rust_timeout=int(wake * 1000),
                 yield_on_timeout=True,
             ):
-                await self._check_logged()
-                if self._watched() != watched:
-                    break  # a directory appeared: watch it itself from now on
+                now = anyio.current_time()
+                if changes or not settled or now - last_read >= self.recheck_interval:
+                    settled, last_read = True, now
+                    await self._check_logged()
+                    if self._watched() != watched:
+                        break  # a directory appeared: watch it itself from now on
             else:
                 return  # stopped
 

@@ -21,7 +21,7 @@ from kvcertsync.events import CertificateUpdated
 from kvcertsync.feed import CertificateFeed
 from kvcertsync.material import CertificateMaterial
 from kvcertsync.settings import ObservedCertificate
-from kvcertsync.stores import MemoryStore, PemDirectoryStore
+from kvcertsync.stores import InstalledCertificate, MemoryStore, PemDirectoryStore
 from kvcertsync.watch import StoreWatcher
 from tests.agent_process import (
     AgentProcess,
@@ -112,6 +112,36 @@ async def test_a_directory_that_appears_later_is_followed(
         v2 = version()
         await writer.install(observed, ca.issue(["web.example"]), v2)
         await next_event(seen, 2)
+    assert [e.version for e in seen] == [v1, v2]
+
+
+async def test_a_change_just_before_a_new_watch_starts_is_read_soon_after(
+    tmp_path: Path, ca: TestAuthority
+) -> None:
+    directory = tmp_path / "later" / "certs"
+    observed = ObservedCertificate.of(URL, store_location=str(directory))
+    writer = PemDirectoryStore(tmp_path)
+    v1, v2 = version(), version()
+    raced: list[str] = []
+
+    class Raced(PemDirectoryStore):
+        async def installed(self, one: ObservedCertificate) -> InstalledCertificate | None:
+            found = await super().installed(one)
+            if found is not None and found.version == v1 and not raced:
+                raced.append(v2)
+                # The next version lands after this read and before the watch on the new
+                # directory starts: no notification will ever tell of it.
+                await writer.install(observed, ca.issue(["web.example"]), v2)
+            return found
+
+    # The hourly recheck would find it, much later: the read after the watch starts must.
+    watcher = StoreWatcher([observed], store=Raced(tmp_path), use_watchfiles=True)
+    assert watcher.recheck_interval == 60
+    seen: list[CertificateUpdated] = []
+    watcher.subscribe(seen.append, CertificateUpdated)
+    async with watcher:
+        await writer.install(observed, ca.issue(["web.example"]), v1)
+        await next_event(seen, 2, within=20)
     assert [e.version for e in seen] == [v1, v2]
 
 
