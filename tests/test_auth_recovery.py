@@ -150,7 +150,10 @@ async def test_a_revoked_token_is_replaced_once_for_every_poll_in_flight(
 async def test_a_vault_that_refuses_the_fresh_token_too_fails_without_asking_again(
     kv: LocalKeyVault, mode: Mode
 ) -> None:
-    shared = SharedCredential(ImdsCredential(kv.imds_endpoint, retry=QUICK), renew_pause=0.5)
+    now = [0.0]  # the pause's own clock: four real requests must not outlast it on a slow host
+    shared = SharedCredential(
+        ImdsCredential(kv.imds_endpoint, retry=QUICK), renew_pause=0.5, clock=lambda: now[0]
+    )
     async with imds_source(kv, shared, mode=mode) as source:
         await source.get(SECRET)
         kv.revoke_tokens()
@@ -165,7 +168,7 @@ async def test_a_vault_that_refuses_the_fresh_token_too_fails_without_asking_aga
             assert "The access token has been revoked." in message
             assert "fetched fresh after an earlier refusal" in message
         assert kv.imds_requests == 2  # failed normally: no token request per poll
-        await anyio.sleep(0.6)  # renew_pause over: the next refusal may ask again, once
+        now[0] += 0.6  # renew_pause over: the next refusal may ask again, once
         assert (await source.get(SECRET)).value == "value"
         assert kv.imds_requests == 3
 
@@ -227,7 +230,7 @@ async def test_imds_410_is_the_managed_identity_endpoints_fault(kv: LocalKeyVaul
 async def test_a_slow_token_does_not_count_against_the_vaults_time(kv: LocalKeyVault) -> None:
     kv.fail_imds(500, times=3)  # the token arrives after about 1.4 s of IMDS retries
     credential = ImdsCredential(kv.imds_endpoint, retry=ImdsRetry(backoff=0.2, jitter=0))
-    async with imds_source(kv, credential, timeout=0.5) as source:
+    async with imds_source(kv, credential, timeout=1.0) as source:  # the token takes 1.4 s
         assert (await source.get(SECRET)).value == "value"
     assert kv.imds_requests == 4
 

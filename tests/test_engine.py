@@ -645,12 +645,15 @@ async def test_expiring_certificate_warns_once_per_version_per_day(ca: TestAutho
     )
     warnings = collect(sync, CertificateExpiring)
     async with sync:
-        await drive(clock, lambda: bool(warnings), limit=1)
+        await drive(clock, lambda: bool(warnings), limit=60)  # the first poll's, not an hour on
         await drive(clock, lambda: clock.now() >= 20 * 3600, step=600, limit=21 * 3600)
         assert len(warnings) == 1  # 20 polls, one warning
         await drive(clock, lambda: len(warnings) == 2, step=600, limit=5 * 3600)
-    assert 24 * 3600 <= clock.now() <= 25 * 3600
-    assert warnings[0].remaining <= timedelta(days=5)  # type: ignore[attr-defined]
+    first, second = warnings
+    # Judged by the polls' own fake time: delivery (a worker thread) may lag drive()'s steps.
+    assert timedelta(days=5) - first.remaining < timedelta(minutes=1)  # type: ignore[attr-defined]
+    gap = first.remaining - second.remaining  # type: ignore[attr-defined]
+    assert timedelta(hours=24) <= gap <= timedelta(hours=25)
 
 
 async def test_hooks_that_raise_or_hang_do_not_stop_sync(
@@ -669,7 +672,12 @@ async def test_hooks_that_raise_or_hang_do_not_stop_sync(
 
     bad = sync.subscribe(explode)
     stuck = sync.subscribe(hang)
-    good = collect(sync, CertificateUpdated)
+    good: list[Event] = []
+
+    async def record(event: Event) -> None:
+        good.append(event)  # on the loop: a worker thread might not start within 0.2 s
+
+    sync.subscribe(record, CertificateUpdated)
     with caplog.at_level(logging.WARNING):
         async with sync:
             await sync.wait_ready()
