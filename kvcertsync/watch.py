@@ -203,7 +203,7 @@ class StoreWatcher(Announcer):
                 debounce=200,
                 step=20,
                 stop_event=self._stop,
-                rust_timeout=int(wake * 1000),
+                rust_timeout=max(1, int(wake * 1000)),  # 0 would mean no timeout at all
                 yield_on_timeout=True,
             ):
                 now = anyio.current_time()
