@@ -531,8 +531,6 @@ async def test_storage_queue_example_with_the_real_sdk() -> None:
             ("DELETE", "/devstoreaccount1/kv-events/messages"),
         }
         assert all(status < 300 for _, _, status in fake.requests)
-        # Every message taken was acknowledged (one sent after the stop may wait, never taken).
-        assert [m for m in fake.queues["kv-events"] if m.dequeue_count] == []
 
 
 async def test_the_fake_queue_checks_the_shared_key() -> None:
