@@ -10,6 +10,7 @@ extra), else by re-reading every ``poll_interval`` seconds; either way it is re-
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -203,7 +204,7 @@ class StoreWatcher(Announcer):
                 debounce=200,
                 step=20,
                 stop_event=self._stop,
-                rust_timeout=max(1, int(wake * 1000)),  # 0 would mean no timeout at all
+                rust_timeout=max(1, math.ceil(wake * 1000)),  # 0 would mean none at all
                 yield_on_timeout=True,
             ):
                 now = anyio.current_time()
