@@ -35,6 +35,7 @@ __all__ = [
     "PKCS12_CONTENT_TYPE",
     "CertificateMaterial",
     "PrivateKey",
+    "certificate_dns_names",
     "certificate_thumbprint",
 ]
 
@@ -349,10 +350,7 @@ class CertificateMaterial:
     @property
     def dns_names(self) -> tuple[str, ...]:
         """DNS names from the leaf's subjectAltName extension (empty if it has none)."""
-        san = _extension(self.certificate, x509.SubjectAlternativeName)
-        if san is None:
-            return ()
-        return tuple(san.get_values_for_type(x509.DNSName))
+        return certificate_dns_names(self.certificate)
 
     @property
     def is_self_signed(self) -> bool:
@@ -414,6 +412,14 @@ class CertificateMaterial:
 
 
 # ---------------------------------------------------------------------- input decoding
+
+
+def certificate_dns_names(certificate: x509.Certificate) -> tuple[str, ...]:
+    """DNS names from a certificate's subjectAltName: none if it has none, or none to trust."""
+    san = _extension(certificate, x509.SubjectAlternativeName)
+    if san is None:
+        return ()
+    return tuple(san.get_values_for_type(x509.DNSName))
 
 
 def certificate_thumbprint(certificate: x509.Certificate) -> str:
@@ -717,8 +723,9 @@ def _dedupe(certificates: Iterable[x509.Certificate]) -> list[x509.Certificate]:
 def _extension(certificate: x509.Certificate, kind: type[_E]) -> _E | None:
     try:
         return certificate.extensions.get_extension_for_class(kind).value
-    except (x509.ExtensionNotFound, ValueError):
-        # ValueError: cryptography refuses malformed or duplicate extensions; treat as absent.
+    except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError):
+        # cryptography refuses malformed (ValueError) or duplicated extensions (an Exception of
+        # its own, not a ValueError): either way, none can be trusted; treat as absent.
         return None
 
 

@@ -246,6 +246,24 @@ def test_duplicates_are_dropped(rsa_chain: ChainFiles) -> None:
     assert material.chain == expected_chain(rsa_chain)
 
 
+def test_a_certificate_with_a_duplicated_extension_is_read_as_having_none(
+    rsa_chain: ChainFiles,
+) -> None:
+    # Its subject key identifier turned into a second basicConstraints (found by the fuzzer: a
+    # flipped bit). cryptography then refuses every extension of it with DuplicateExtension.
+    der = load_cert(rsa_chain.chain_pems[0]).public_bytes(serialization.Encoding.DER)
+    ski, constraints = bytes.fromhex("0603551d0e"), bytes.fromhex("0603551d13")
+    assert der.count(ski) == 1 and der.count(constraints) == 1
+    tampered = x509.load_der_x509_certificate(der.replace(ski, constraints))
+    with pytest.raises(x509.DuplicateExtension):
+        tampered.extensions  # noqa: B018 - parsed on access
+    intermediate = tampered.public_bytes(serialization.Encoding.PEM)
+    value = rsa_chain.leaf_pem + intermediate + rsa_chain.chain_pems[1] + rsa_chain.key_pem
+    material = CertificateMaterial.from_secret(value.decode())
+    assert material.certificate == load_cert(rsa_chain.leaf_pem)
+    assert material.chain == (tampered, load_cert(rsa_chain.chain_pems[1]))
+
+
 def test_unrelated_certificates_go_last_in_given_order(
     rsa_chain: ChainFiles, ec_chain: ChainFiles
 ) -> None:

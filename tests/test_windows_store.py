@@ -885,6 +885,18 @@ async def test_link_on_renewal_skips_unreadable_certificates(
     assert junk.renewal is None
 
 
+async def test_link_on_renewal_skips_a_certificate_with_a_duplicated_extension(
+    fake: FakeWindowsCertBackend, ca: TestAuthority
+) -> None:
+    store = WindowsCertStore(backend=fake, link_on_renewal=True)
+    der = ca.issue(["www.example.com"]).certificate.public_bytes(serialization.Encoding.DER)
+    ski, san = bytes.fromhex("0603551d0e"), bytes.fromhex("0603551d11")
+    assert der.count(ski) == 1 and der.count(san) == 1
+    twice = fake.add(LM, MY, der.replace(ski, san))  # two subjectAltNames: none to trust
+    await store.install(observed(), ca.issue(["www.example.com"]), V1)
+    assert twice.renewal is None
+
+
 async def test_link_on_renewal_off_links_nothing(
     store: WindowsCertStore, fake: FakeWindowsCertBackend, ca: TestAuthority
 ) -> None:

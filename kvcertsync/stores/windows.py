@@ -57,6 +57,7 @@ from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from kvcertsync.errors import SecretUriError, StoreError
+from kvcertsync.material import certificate_dns_names
 from kvcertsync.stores import _sddl
 from kvcertsync.stores._crypt32 import (
     CERT_ACCESS_STATE_GP_SYSTEM_STORE_FLAG,
@@ -321,13 +322,7 @@ def _decode_text(value: bytes | None) -> str:
 
 
 def _dns_names(certificate: x509.Certificate) -> frozenset[str]:
-    try:
-        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return frozenset()
-    return frozenset(
-        name.lower().rstrip(".") for name in san.value.get_values_for_type(x509.DNSName)
-    )
+    return frozenset(name.lower().rstrip(".") for name in certificate_dns_names(certificate))
 
 
 def _is_self_issued(certificate: x509.Certificate) -> bool:
