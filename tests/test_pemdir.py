@@ -875,6 +875,17 @@ async def test_concurrent_installs_let_every_reader_through_the_shared_parents(
 # ------------------------------------------------------------------------- the installed() cache
 
 
+async def installed_and_remembered(
+    directory: Path, material: CertificateMaterial, layout: str = "kvlinux"
+) -> tuple[PemDirectoryStore, ObservedCertificate]:
+    """A store that installed V1 into ``directory`` and has answered ``installed()`` once."""
+    store = PemDirectoryStore(layout=layout)  # type: ignore[arg-type]
+    cert = observed(directory)
+    await store.install(cert, material, V1)
+    assert await store.installed(cert) is not None
+    return store, cert
+
+
 def replace_file(path: Path, data: bytes) -> None:
     """What another process does to a version file: write a new one and rename it over."""
     temp = path.with_name(path.name + ".new")
@@ -914,10 +925,7 @@ async def test_installed_follows_a_link_moved_behind_its_back(
 async def test_installed_sees_a_version_file_replaced_or_damaged(
     tmp_path: Path, ca: TestAuthority, layout: str
 ) -> None:
-    store = PemDirectoryStore(layout=layout)  # type: ignore[arg-type]
-    cert = observed(tmp_path)
-    await store.install(cert, ca.issue(["a.example"]), V1)
-    assert await store.installed(cert) is not None
+    store, cert = await installed_and_remembered(tmp_path, ca.issue(["a.example"]), layout)
     other = ca.issue(["other.example"])
     entry = tmp_path / f"myvault.web.{V1}"
     target = entry / "cert.pem" if layout == "split" else entry
@@ -941,10 +949,7 @@ async def test_installed_refuses_a_directory_opened_to_others_after_it_answered(
     tmp_path: Path, material: CertificateMaterial, opened: str, refusal: str
 ) -> None:
     (tmp_path / "parent").mkdir(mode=0o755)
-    store = PemDirectoryStore()
-    cert = observed(tmp_path / "parent" / "s")
-    await store.install(cert, material, V1)
-    assert await store.installed(cert) is not None
+    store, cert = await installed_and_remembered(tmp_path / "parent" / "s", material)
     (tmp_path / opened).chmod(0o777)
     # Checked again for all its certificates together, once a second at most.
     await anyio.sleep(pemdir._DIRECTORY_RECHECK_S)
@@ -957,11 +962,8 @@ async def test_installed_refuses_a_directory_opened_to_others_after_it_answered(
 async def test_installed_sees_the_store_directory_swapped_for_one_that_links_to_the_old_files(
     tmp_path: Path, material: CertificateMaterial, layout: str
 ) -> None:
-    store = PemDirectoryStore(layout=layout)  # type: ignore[arg-type]
     directory = tmp_path / "s"
-    cert = observed(directory)
-    await store.install(cert, material, V1)
-    assert await store.installed(cert) is not None
+    store, cert = await installed_and_remembered(directory, material, layout)
     os.rename(directory, tmp_path / "old")
     directory.mkdir(mode=0o700)
     (directory / "myvault.web").symlink_to(f"myvault.web.{V1}")
